@@ -1,0 +1,1 @@
+"""HCGNet-A1/A2 (placeholder until written)."""

@@ -1,0 +1,1 @@
+"""Run infrastructure: distributed helpers, checkpoints, logging, metrics, schedules."""
