@@ -1,0 +1,100 @@
+"""CIFAR-shaped data for the training engine: which arrays, which path, which loaders.
+
+Two paths give the same batches for the same seed (same indices, crops and flips):
+- ``pil`` (default, the original's): PIL transforms per image in DataLoader workers;
+- ``tensor`` (the fast path): the whole uint8 set as one tensor on the training
+  device, batches augmented by indexing (data.tensor_loader).
+"""
+from dataclasses import dataclass
+from typing import Any, Tuple
+
+import numpy as np
+import torch
+
+from data.augment import AugmentedBatchSampler, CifarTestDataset, CifarTrainDataset
+from data.cifar import DATASET_STATS, load_cifar, num_classes as cifar_num_classes
+from data.samplers import MPerClassBatchSampler, ShardedEvalSampler
+from data.synthetic import SYNTHETIC_STATS, make_synthetic
+from data.tensor_loader import TensorBatchLoader
+from utils.errors import ConfigError
+
+DATASETS = ("cifar100", "cifar10", "synthetic")
+
+
+@dataclass
+class ArrayData:
+    """A CIFAR-shaped dataset in memory: uint8 (N, 32, 32, 3) images and int64 labels."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+
+def load_arrays(dataset: str, root: str, synthetic_size: int = 5000, synthetic_classes: int = 10,
+                synthetic_seed: int = 0) -> ArrayData:
+    """Read CIFAR-100/10 from ``root`` (pickle layout) or make the synthetic set."""
+    if dataset == "synthetic":
+        (xtr, ytr), (xte, yte) = make_synthetic(synthetic_size, max(synthetic_size // 5, synthetic_classes),
+                                                synthetic_classes, seed=synthetic_seed)
+        return ArrayData(xtr, ytr, xte, yte, synthetic_classes, SYNTHETIC_STATS["mean"], SYNTHETIC_STATS["std"])
+    if dataset not in DATASET_STATS:
+        raise ConfigError(f"--dataset {dataset!r} is not one of {', '.join(DATASETS)}")
+    xtr, ytr = load_cifar(root, dataset, train=True)
+    xte, yte = load_cifar(root, dataset, train=False)
+    stats = DATASET_STATS[dataset]
+    return ArrayData(xtr, ytr, xte, yte, cifar_num_classes(dataset), stats["mean"], stats["std"])
+
+
+def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_batch_size: int, m_per_class: int,
+                        visit_all: bool, seed: int, rank: int, world_size: int, device: torch.device,
+                        num_workers: int, channels_last: bool) -> Tuple[Any, Any]:
+    """(train data, eval data) for the engine.
+
+    The train object iterates this rank's share of every global batch as
+    ``(inputs, targets)`` and has set_epoch / set_start_batch / __len__.
+    """
+    sampler = MPerClassBatchSampler(data.train_labels, m_per_class, batch_size, seed=seed,
+                                    rank=rank, world_size=world_size, visit_all=visit_all)
+    if path == "tensor":
+        train = TensorBatchLoader(data.train_images, data.train_labels, sampler, device, data.mean, data.std,
+                                  train=True, seed=seed, channels_last=channels_last)
+        test = TensorBatchLoader.for_eval(data.test_images, data.test_labels, eval_batch_size, device,
+                                          data.mean, data.std, rank=rank, world_size=world_size,
+                                          channels_last=channels_last)
+        return train, test
+    if path != "pil":
+        raise ConfigError(f"unknown data path {path!r}; valid: pil, tensor")
+    pin = device.type == "cuda"
+    batches = AugmentedBatchSampler(sampler, seed)
+    train_loader = torch.utils.data.DataLoader(
+        CifarTrainDataset(data.train_images, data.train_labels, data.mean, data.std),
+        batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
+    test_loader = torch.utils.data.DataLoader(
+        CifarTestDataset(data.test_images, data.test_labels, data.mean, data.std),
+        batch_size=eval_batch_size, sampler=ShardedEvalSampler(len(data.test_labels), rank, world_size),
+        num_workers=num_workers, pin_memory=pin)
+    return _SamplerControlledLoader(train_loader, batches), test_loader
+
+
+class _SamplerControlledLoader:
+    """A DataLoader whose epoch and start batch are set through its batch sampler."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, batches: AugmentedBatchSampler) -> None:
+        self.loader = loader
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batches.set_epoch(epoch)
+
+    def set_start_batch(self, start_batch: int) -> None:
+        self.batches.set_start_batch(start_batch)

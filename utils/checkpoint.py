@@ -1,0 +1,123 @@
+"""Checkpoints that survive kills: atomic writes, clear errors on bad files, RNG capture.
+
+A checkpoint is a plain dict saved with ``torch.save`` (format in README, section
+"Interrupting and resuming"). ``atomic_save`` writes a temporary file in the same
+directory, flushes and fsyncs it, then renames it over the target: a kill -9 at any
+moment leaves either the previous file or the new one, both readable.
+"""
+import errno
+import os
+import random
+import tempfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from utils.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "mcl-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Dict[str, Any], path: str) -> None:
+    """Write ``obj`` to ``path`` so that ``path`` is never seen half-written.
+
+    Raises CheckpointError (previous file intact) when the write fails, e.g. on a
+    full disk.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(err, OSError):
+            reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+            kept = "the previous checkpoint is intact" if os.path.exists(path) else "no earlier checkpoint exists"
+            raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from None
+        raise
+    _fsync_dir(directory)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """Read a checkpoint written by this project; CheckpointError for anything else."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or drop --resume to start fresh)")
+    try:
+        # Our own files hold numpy RNG states and config dicts, which the weights-only
+        # unpickler refuses; only load checkpoints you trust.
+        obj = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a checkpoint ({type(err).__name__}); "
+            "use another file, e.g. best.pth.tar or an earlier copy"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (no '{CHECKPOINT_FORMAT}' marker); "
+            "pass a checkpoint.pth.tar or best.pth.tar written by its scripts"
+        )
+    return obj
+
+
+def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
+    """CheckpointError when a stored field (arch, number_net, ...) differs from the run's."""
+    for key, want in expected.items():
+        have = ckpt.get(key)
+        if have is not None and have != want:
+            raise CheckpointError(
+                f"checkpoint {path} has {key}={have!r} but this run has {key}={want!r}; "
+                f"pass the matching flags (e.g. --{key.replace('_', '-')} {have}) or another checkpoint"
+            )
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    return state
+
+
+def restore_rng_state(state: Optional[Dict[str, Any]]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only when CUDA is present)."""
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,188 @@
+"""torch.distributed helpers: set-up for torchrun or the original's flags, gathers, reductions.
+
+Two ways to start several processes:
+- ``torchrun --nproc_per_node=K script.py ...``: the environment (RANK, WORLD_SIZE,
+  LOCAL_RANK, MASTER_ADDR/PORT) describes the group;
+- the original's ``--multiprocessing-distributed --dist-url URL --world-size W --rank R
+  --gpu-ids 0,1``: :func:`spawn` starts one process per listed GPU (per CPU process on a
+  machine without GPUs, see ``nprocs``) and each calls :func:`setup_distributed` with
+  explicit values.
+Backend: NCCL when the device is CUDA, gloo on CPU.
+"""
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DistContext:
+    """Where this process runs and which part of the group it is."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_main(ctx: Optional[DistContext]) -> bool:
+    """True on rank 0 (or without a context)."""
+    return ctx is None or ctx.rank == 0
+
+
+def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = None) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA is a ConfigError.
+
+    With ``gpu_ids`` ("0,2"), process ``local_rank`` uses the local_rank-th listed GPU.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("--device cuda was requested but CUDA is not available here; use --device cpu or auto")
+    ids = parse_gpu_ids(gpu_ids)
+    index = ids[local_rank] if ids and local_rank < len(ids) else local_rank
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"GPU {index} does not exist (this machine has {torch.cuda.device_count()})")
+    return torch.device("cuda", index)
+
+
+def parse_gpu_ids(gpu_ids: Optional[str]) -> List[int]:
+    """"0,1,2" -> [0, 1, 2]; empty or None -> []."""
+    if not gpu_ids:
+        return []
+    try:
+        return [int(x) for x in str(gpu_ids).split(",") if x.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"--gpu-ids {gpu_ids!r} must be a comma-separated list of integers, e.g. 0,1") from None
+
+
+def setup_distributed(
+    device: str = "auto",
+    gpu_ids: Optional[str] = None,
+    dist_backend: Optional[str] = None,
+    dist_url: Optional[str] = None,
+    world_size: int = -1,
+    rank: int = -1,
+    local_rank: Optional[int] = None,
+) -> DistContext:
+    """Join the process group if there is one and pick this process's device.
+
+    Without torchrun variables and with ``world_size`` <= 1 this is a single process.
+    """
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if env_world > 1 and "RANK" in os.environ:  # torchrun
+        world_size, rank = env_world, int(os.environ["RANK"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        init_method = "env://"
+    else:
+        init_method = dist_url
+        local_rank = rank if local_rank is None else local_rank
+    if world_size is None or world_size <= 1:
+        return DistContext(device=resolve_device(device, 0, gpu_ids))
+    dev = resolve_device(device, max(local_rank or 0, 0), gpu_ids)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = dist_backend or ("nccl" if dev.type == "cuda" else "gloo")
+    if backend == "nccl" and dev.type != "cuda":
+        raise ConfigError("--dist-backend nccl needs CUDA; use gloo on CPU")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank)
+    return DistContext(rank=rank, world_size=world_size, local_rank=max(local_rank or 0, 0), device=dev, distributed=True)
+
+
+def spawn(worker: Callable[..., None], nprocs: int, *args: Any) -> None:
+    """Start ``nprocs`` processes running ``worker(local_rank, *args)`` (the original's launch)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, nprocs=nprocs, args=args, join=True)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the incoming gradients over ranks.
+
+    Every rank computes the same loss on the gathered batch, so the gradient of a
+    rank's own slice is the sum over ranks of that slice's gradient; DDP then
+    averages parameter gradients over ranks, which yields exactly the gradient of
+    one process on the whole batch.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.batch = tensor.size(0)
+        ctx.rank = dist.get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
+
+
+def all_gather_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order, differentiable. Identity without a group."""
+    if world_size() == 1:
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def all_gather_nograd(tensor: torch.Tensor) -> torch.Tensor:
+    """(B, ...) on each rank -> (W*B, ...) in rank order, no gradient."""
+    if world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns the tensor."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, in place; returns the tensor."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s object on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
