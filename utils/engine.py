@@ -425,6 +425,7 @@ class Trainer:
         """Train to the last epoch (or until a signal); returns the process exit code."""
         s = self.state
         self.logger.keep_epochs_before(s.epoch)
+        self.logger.remove_summary()
         self.stop.install()
         try:
             while s.epoch < self.loop.epochs:

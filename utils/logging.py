@@ -77,6 +77,12 @@ class RunLogger:
         if self.enabled:
             _write_json_atomic(os.path.join(self.run_dir, "summary.json"), summary)
 
+    def remove_summary(self) -> None:
+        """A run that (re)starts training is unfinished until it writes a new summary."""
+        path = os.path.join(self.run_dir, "summary.json")
+        if self.enabled and os.path.exists(path):
+            os.unlink(path)
+
     def text(self, line: str) -> None:
         """Print ``line`` and append it to log.txt."""
         if not self.enabled:

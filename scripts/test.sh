@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install the project with its test extra, then run the whole test suite.
+# Usage: bash scripts/test.sh [extra pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test]"
+python3 -m pytest -q "$@" tests

@@ -1,0 +1,127 @@
+"""main_cifar.py end to end on tiny synthetic data: every mode of the CLI, the run directory."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import main_cifar
+from utils.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--synthetic-size", "200", "--synthetic-classes", "10", "--batch-size", "16",
+        "--m-per-class", "2", "--epochs", "1", "--max-train-batches", "2", "--max-eval-batches", "2",
+        "--num-workers", "0", "--no-progress", "--eval-batch-size", "32"]
+MCL = ["--alpha", "0.1", "--gamma", "1.", "--beta", "0.1", "--lam", "1."]
+
+
+def train(tmp_path, *extra, run_name="run"):
+    argv = TINY + ["--checkpoint-dir", str(tmp_path), "--run-name", run_name] + list(extra)
+    assert main_cifar.main(argv) == 0
+    return tmp_path / run_name
+
+
+def records(run_dir):
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_baseline_run_writes_the_run_directory(tmp_path):
+    run = train(tmp_path, "--arch", "resnet32", "--number-net", "2")
+    for name in ("checkpoint.pth.tar", "best.pth.tar", "config.json", "metrics.jsonl", "summary.json", "log.txt"):
+        assert (run / name).exists(), name
+    assert any((run / "tb").iterdir())
+    rec = records(run)[0]
+    assert len(rec["test"]["top1"]) == 2 and "ens_top1" in rec["test"]
+    assert rec["train"]["vcl"] == rec["train"]["icl"] == 0.0
+    ckpt = load_checkpoint(str(run / "checkpoint.pth.tar"))
+    assert ckpt["heads"] is None and ckpt["finished"] and ckpt["topology"] == "independent"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_acc"] == max(rec["test"]["top1"])
+    assert summary["last_mean_top1"] == pytest.approx(sum(rec["test"]["top1"]) / 2)
+
+
+def test_mcl_x2_has_all_four_contrastive_terms(tmp_path):
+    run = train(tmp_path, "--arch", "resnet32", "--number-net", "2", *MCL)
+    tr = records(run)[0]["train"]
+    for term in ("vcl", "soft_vcl", "icl", "soft_icl"):
+        assert tr[term] > 0, term
+    ckpt = load_checkpoint(str(run / "checkpoint.pth.tar"))
+    assert ckpt["heads"] is not None and len(ckpt["heads"]) > 0
+
+
+def test_mcl_x3_is_branched_with_logit_distillation(tmp_path):
+    run = train(tmp_path, "--arch", "resnet32", "--number-net", "3", "--logit-distill", *MCL)
+    ckpt = load_checkpoint(str(run / "checkpoint.pth.tar"))
+    assert ckpt["topology"] == "branched"
+    assert records(run)[0]["train"]["loss_kd"] > 0
+    assert len(records(run)[0]["test"]["top1"]) == 3
+
+
+def test_mixed_cohort_and_evaluate_of_the_best(tmp_path, capsys):
+    run = train(tmp_path, "--arch", "resnet32,wrn_16_2", "--number-net", "2", *MCL)
+    capsys.readouterr()
+    argv = TINY + ["--arch", "resnet32,wrn_16_2", "--evaluate", "--evaluate-checkpoint", str(run / "best.pth.tar"),
+                   "--checkpoint-dir", str(tmp_path)]
+    assert main_cifar.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "net 1 (wrn_16_2)" in out and "ensemble" in out
+
+
+def test_fast_path_runs(tmp_path):
+    run = train(tmp_path, "--arch", "resnet32", "--number-net", "2", "--fast", *MCL)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["amp"] == "bf16" and cfg["channels_last"] and cfg["data_path"] == "tensor"
+
+
+def test_help_lists_every_original_flag():
+    out = subprocess.run([sys.executable, "main_cifar.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    for flag in ("--data", "--dataset", "--arch", "--init-lr", "--weight-decay", "--lr-type", "--milestones",
+                 "--epochs", "--batch-size", "--num-workers", "--gpu-id", "--manual_seed", "--resume",
+                 "--resume-checkpoint", "--evaluate", "--evaluate-checkpoint", "--number-net", "--logit-distill",
+                 "--checkpoint-dir", "--kd_T", "--tau", "--alpha", "--gamma", "--beta", "--lam", "--feat-dim"):
+        assert flag in out.stdout, flag
+
+
+TORCHRUN_ARGS = TINY + ["--arch", "resnet32", "--number-net", "2", *MCL, "--run-name", "ddp", "--device", "cpu"]
+
+
+def test_two_gloo_processes_end_with_identical_weights(tmp_path):
+    """torchrun with 2 CPU processes: both ranks hold the same weights; rank 0 writes the run directory."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(
+        "import sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {ROOT!r})\n"
+        "import main_cifar, utils.engine as eng\n"
+        "orig = eng.Trainer.fit\n"
+        "def fit(self):\n"
+        "    code = orig(self)\n"
+        "    flat = torch.cat([p.detach().flatten() for p in self.model.parameters()])\n"
+        "    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]\n"
+        "    dist.all_gather(parts, flat)\n"
+        "    assert torch.equal(parts[0], parts[1]), 'ranks differ'\n"
+        "    print('RANKS-EQUAL', dist.get_rank(), flush=True)\n"
+        "    return code\n"
+        "eng.Trainer.fit = fit\n"
+        "main_cifar.main(sys.argv[1:])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
+           *TORCHRUN_ARGS, "--checkpoint-dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("RANKS-EQUAL") == 2
+    run = tmp_path / "ddp"
+    for name in ("checkpoint.pth.tar", "best.pth.tar", "config.json", "metrics.jsonl", "summary.json"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    # Every image of the tiny test set counted once over both ranks.
+    assert len(records(run)) == 1
+
+
+def test_gathered_contrast_gradient_matches_one_process():
+    """all_gather_grad + DDP averaging gives the gradient of one process on the global batch."""
+    from tests.ddp_grad_check import run_check
+
+    run_check()
