@@ -38,9 +38,18 @@ from utils.schedule import lr_at_epoch, set_lr
 AMP_MODES = ("none", "bf16", "fp16")
 TERMS = ("loss", "loss_cls", "loss_kd", "vcl", "soft_vcl", "icl", "soft_icl")
 
-# Test hook: the process kills itself with SIGKILL right after this many training
-# steps (counted from the start of the process), to test recovery from kill -9.
-KILL_ENV = "MCL_DEBUG_KILL_AFTER_STEPS"
+# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
+# signal right after its N-th training step (counted from the start of the process),
+# to test recovery from kill -9 and graceful stops at a chosen step.
+SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
+
+
+def _debug_signal() -> Optional[tuple]:
+    value = os.environ.get(SIGNAL_ENV)
+    if not value:
+        return None
+    steps, _, name = value.partition(":")
+    return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
 
 
 class NonFiniteLossError(UserError):
@@ -245,8 +254,7 @@ class Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self.stop = StopRequest()
         self._steps_this_process = 0
-        kill = os.environ.get(KILL_ENV)
-        self._kill_after = int(kill) if kill else None
+        self._debug_signal = _debug_signal()
 
     # ----- checkpoints -------------------------------------------------------
     @property
@@ -361,6 +369,8 @@ class Trainer:
                 acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)
                 bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
                 bar.update(1)
+            if self._debug_signal is not None and self._steps_this_process == self._debug_signal[0]:
+                os.kill(os.getpid(), self._debug_signal[1])
             stop = self.stop.agreed(self.ctx.device)
             last = s.step >= total
             if stop is not None or (not last and self.loop.save_every_steps
@@ -368,8 +378,6 @@ class Trainer:
                 s.elapsed += time.perf_counter() - tic
                 tic = time.perf_counter()
                 self.save()
-            if self._kill_after is not None and self._steps_this_process >= self._kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
             if stop is not None:
                 if bar is not None:
                     bar.close()

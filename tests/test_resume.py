@@ -1,0 +1,243 @@
+"""Runs that survive: exact resume, graceful stops, kill -9, bad input, full disk, non-finite loss."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main_cifar
+from utils import checkpoint as ckpt_mod
+from utils.checkpoint import atomic_save, load_checkpoint
+from utils.cli import run_main
+from utils.errors import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 2 epochs x 3 steps, MCL(x2) with logit distillation, deterministic on CPU.
+RUN = ["--dataset", "synthetic", "--synthetic-size", "160", "--synthetic-classes", "8", "--batch-size", "16",
+       "--m-per-class", "2", "--epochs", "2", "--max-train-batches", "3", "--max-eval-batches", "1",
+       "--eval-batch-size", "16", "--num-workers", "0", "--no-progress", "--device", "cpu", "--deterministic",
+       "--arch", "resnet32", "--number-net", "2", "--alpha", "0.1", "--gamma", "1.", "--beta", "0.1",
+       "--lam", "1.", "--logit-distill", "--save-every-steps", "1"]
+
+
+def cli(args, env_extra=None, timeout=300):
+    # One intra-op thread: these steps are tiny, and the comparisons need the same
+    # thread count in every run anyway.
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "main_cifar.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def final_state(run_dir):
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
+    assert ckpt["finished"]
+    return ckpt
+
+
+def assert_bitwise_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    base = tmp_path_factory.mktemp("full")
+    out = cli(RUN + ["--checkpoint-dir", str(base), "--run-name", "r"])
+    assert out.returncode == 0, out.stderr
+    return final_state(base / "r"), base / "r"
+
+
+@pytest.mark.parametrize("kill_after,save_every", [(2, "1"), (4, "0")], ids=["mid-epoch", "between-epochs"])
+def test_kill_9_then_resume_is_bitwise_equal(tmp_path, uninterrupted, kill_after, save_every):
+    """Killed after step 2 (saves every step) or after step 4 (only epoch-end saves): resume, same result."""
+    args = RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r", "--save-every-steps", save_every]
+    out = cli(args, {"MCL_DEBUG_SIGNAL_AFTER_STEPS": str(kill_after)})
+    assert out.returncode == -signal.SIGKILL
+    partial = load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))
+    assert not partial["finished"]
+    if save_every == "0":
+        assert (partial["epoch"], partial["step"]) == (1, 0)  # the epoch-end checkpoint
+    out = cli(args + ["--resume"])
+    assert out.returncode == 0, out.stderr
+    resumed = final_state(tmp_path / "r")
+    reference, ref_dir = uninterrupted
+    for key in ("model", "heads", "optimizer", "best_acc", "best_epoch"):
+        assert_bitwise_equal(reference[key], resumed[key], key)
+    ref_metrics = (ref_dir / "metrics.jsonl").read_text().splitlines()
+    got_metrics = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert len(got_metrics) == 2
+    for a, b in zip(ref_metrics, got_metrics):
+        ra, rb = json.loads(a), json.loads(b)
+        assert ra["test"] == rb["test"] and ra["train"]["loss"] == pytest.approx(rb["train"]["loss"], rel=1e-12)
+
+
+@pytest.mark.parametrize("sig,code", [("TERM", 0), ("INT", 130)])
+def test_signal_finishes_the_step_saves_and_exits(tmp_path, uninterrupted, sig, code):
+    args = RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r", "--save-every-steps", "0"]
+    out = cli(args, {"MCL_DEBUG_SIGNAL_AFTER_STEPS": f"2:{sig}"})
+    assert out.returncode == code, out.stderr
+    assert "--resume" in out.stderr and "checkpoint.pth.tar" in out.stderr
+    saved = load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))
+    assert (saved["epoch"], saved["step"], saved["finished"]) == (0, 2, False)
+    if sig == "INT":
+        return  # resuming after a stop is the same path for both signals
+    out = cli(args + ["--resume", "auto"])
+    assert out.returncode == 0, out.stderr
+    assert_bitwise_equal(uninterrupted[0]["model"], final_state(tmp_path / "r")["model"])
+
+
+def test_resuming_a_finished_run_says_so(uninterrupted):
+    _, run_dir = uninterrupted
+    out = cli(RUN + ["--checkpoint-dir", str(run_dir.parent), "--run-name", "r", "--resume"])
+    assert out.returncode == 0
+    assert "already finished" in out.stdout
+
+
+def test_original_resume_checkpoint_flag(uninterrupted, tmp_path):
+    _, run_dir = uninterrupted
+    out = cli(RUN + ["--checkpoint-dir", str(tmp_path), "--resume", "--resume-checkpoint",
+                     str(run_dir / "checkpoint.pth.tar")])
+    assert out.returncode == 0 and "already finished" in out.stdout
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        run_main(main_cifar.main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+BASE = ["--dataset", "synthetic", "--synthetic-size", "64", "--epochs", "1", "--num-workers", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--arch", "resnet33"], "resnet32"),
+    (["--number-net", "0"], "--number-net"),
+    (["--number-net", "1", "--beta", "0.1"], "--number-net 2"),
+    (["--batch-size", "15", "--m-per-class", "2"], "not divisible"),
+    (["--batch-size", "64", "--m-per-class", "2"], "classes"),
+    (["--device", "cuda"], "CUDA"),
+], ids=["arch", "number-net", "weights-n1", "divisible", "too-large", "cuda"])
+def test_bad_flags_get_one_line(tmp_path, capsys, extra, words):
+    if "--device" in extra and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path)] + extra)
+    assert words in err
+
+
+def test_missing_and_malformed_dataset(tmp_path, capsys):
+    (tmp_path / "cifar-100-python").mkdir()
+    err = one_line_error(capsys, ["--dataset", "cifar100", "--data", str(tmp_path), "--checkpoint-dir",
+                                  str(tmp_path / "ck")])
+    assert "cifar-100-python" in err
+
+
+def test_unwritable_checkpoint_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(blocker / "sub")])
+    assert "--checkpoint-dir" in err
+
+
+def test_bad_checkpoints(tmp_path, capsys, uninterrupted):
+    _, run_dir = uninterrupted
+    good = (run_dir / "checkpoint.pth.tar").read_bytes()
+    truncated = tmp_path / "trunc.pth.tar"
+    truncated.write_bytes(good[: len(good) // 2])
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), "--resume", str(truncated)])
+    assert "truncated" in err
+    junk = tmp_path / "junk.pth.tar"
+    torch.save({"net": {}}, junk)
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), "--resume", str(junk)])
+    assert "not a checkpoint" in err
+    ckpt_path = str(run_dir / "checkpoint.pth.tar")
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), "--arch", "wrn_16_2",
+                                         "--resume", ckpt_path])
+    assert "arch" in err
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), "--arch", "resnet32",
+                                         "--number-net", "3", "--resume", ckpt_path])
+    assert "number_net" in err
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth.tar")
+    atomic_save({"format": "mcl-checkpoint", "value": 1}, path)
+
+    def fail_midway(obj, f):
+        f.write(b"partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", fail_midway)
+    with pytest.raises(CheckpointError, match="disk is full; the previous checkpoint is intact"):
+        atomic_save({"format": "mcl-checkpoint", "value": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["value"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
+
+
+SAVE_LOOP = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from utils.checkpoint import atomic_save
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    atomic_save({{"format": "mcl-checkpoint", "i": i, "w": torch.full((512, 1024), float(i))}}, path)
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_a_save_loop_never_leaves_an_unreadable_checkpoint(tmp_path):
+    script = tmp_path / "loop.py"
+    script.write_text(SAVE_LOOP.format(root=ROOT))
+    path = tmp_path / "checkpoint.pth.tar"
+    for delay in (0.35, 0.5, 0.65, 0.8, 0.95):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one complete save
+        time.sleep(delay * 0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = load_checkpoint(str(path))
+        assert torch.equal(ckpt["w"], torch.full((512, 1024), float(ckpt["i"])))
+
+
+def test_non_finite_loss_stops_with_the_terms_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import utils.engine as engine
+
+    real = engine.compute_loss
+    calls = {"n": 0}
+
+    def nan_on_third(*a, **k):
+        terms = real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(engine, "compute_loss", nan_on_third)
+    argv = BASE + ["--checkpoint-dir", str(tmp_path), "--run-name", "r", "--batch-size", "8", "--m-per-class", "2",
+                   "--save-every-steps", "1", "--epochs", "1", "--alpha", "0.1"]
+    with pytest.raises(SystemExit) as exc:
+        run_main(main_cifar.main, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 3
+    assert "non-finite loss at epoch 0 step 2" in err and "loss_cls=" in err and "vcl=" in err
+    assert load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))["step"] == 2
