@@ -1,4 +1,4 @@
-"""Supervised Mutual Contrastive Learning on CIFAR (SPEC sections 2, 5, 7, 8).
+"""Supervised Mutual Contrastive Learning on CIFAR-100 / CIFAR-10.
 
     python main_cifar.py --arch resnet32 --number-net 2 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.
 
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "in-batch ICL never treats the same image seen by the other network as a positive; an "
         "m-per-class epoch is len(train)/B independent batch draws (see --visit-all).",
         formatter_class=HelpFormatter)
-    add_original_training_args(parser, data="./data/", dataset="cifar100", arch="resnet32", weight_decay=5e-4,
+    add_original_training_args(parser, data="./data/", dataset="cifar100",
+                               dataset_help="cifar100, cifar10 (official pickle layout under --data) or synthetic "
+                                            "(generated, no download)", arch="resnet32", weight_decay=5e-4,
                                lr_type="cosine", milestones=(150, 225), epochs=300, batch_size=128,
                                num_workers=8, tau=0.1)
     g = add_common_additions(parser)

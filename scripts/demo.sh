@@ -4,7 +4,7 @@
 # Usage: bash scripts/demo.sh [extra main_cifar.py flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e .
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e .
 python3 main_cifar.py --dataset synthetic --arch resnet32 --number-net 2 \
     --alpha 0.1 --gamma 1. --beta 0.1 --lam 1. \
     --epochs 4 --batch-size 64 --m-per-class 8 --num-workers 0 --fast \

@@ -8,7 +8,12 @@ from typing import Sequence
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the description's line breaks."""
+    """Show defaults (but not empty ones) and keep the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def add_original_training_args(
@@ -16,6 +21,7 @@ def add_original_training_args(
     *,
     data: str,
     dataset: str,
+    dataset_help: str,
     arch: str,
     weight_decay: float,
     lr_type: str,
@@ -28,7 +34,7 @@ def add_original_training_args(
     """Flags both supervised scripts of the original have, with per-script defaults."""
     g = parser.add_argument_group("flags of the original")
     g.add_argument("--data", default=data, type=str, help="dataset directory")
-    g.add_argument("--dataset", default=dataset, type=str, help="dataset name")
+    g.add_argument("--dataset", default=dataset, type=str, help=dataset_help)
     g.add_argument("--arch", default=arch, type=str,
                    help="network architecture; a comma-separated list (e.g. resnet32,wrn_16_2) "
                         "gives a mixed, independent cohort")
