@@ -95,7 +95,7 @@ def to_batch(raw, device: torch.device) -> Batch:
 
 def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_size: int) -> Dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "dataset_choices"}
-    config.update(topology=topology, num_classes=num_classes, world_size=world_size,
+    config.update(script="main_cifar", topology=topology, num_classes=num_classes, world_size=world_size,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     return config
 

@@ -179,6 +179,13 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s buffers (BatchNorm statistics, memory banks) to every rank."""
+    if world_size() > 1:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=src)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s object on every rank."""
     if world_size() == 1:

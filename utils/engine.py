@@ -246,7 +246,7 @@ class Trainer:
         self.meta = checkpoint_meta
         self.to_batch = to_batch
         self.number_net = model.cohort.number_net
-        self.state = RunState(train_acc=AccuracyCounter(self.number_net))
+        self.state = RunState(train_acc=AccuracyCounter(self.number_net + 1))
         self.scaler = torch.amp.GradScaler("cuda") if precision.amp == "fp16" else None
         self.ddp_model: nn.Module = model
         if ctx.distributed:
@@ -337,7 +337,8 @@ class Trainer:
             self.optimizer.step()
         if self.contrast is not None and embeddings is not None and hasattr(self.contrast, "after_step"):
             self.contrast.after_step([e.detach() for e in embeddings], batch)
-        self.state.train_acc.update([z.detach() for z in logits], batch.targets)
+        detached = [z.detach().float() for z in logits]
+        self.state.train_acc.update(detached + [ensemble_logits(detached)], batch.targets)
         return named
 
     def train_epoch(self) -> bool:
@@ -392,6 +393,9 @@ class Trainer:
         """Top-1/top-5 of every network and of the ensemble, reduced over ranks."""
         model = self.model
         model.eval()
+        # DDP broadcasts BatchNorm statistics from rank 0 before each training forward, so
+        # after the last step every rank holds its own; evaluate (and save) rank 0's.
+        du.broadcast_buffers(model)
         counter = AccuracyCounter(self.number_net + 1)
         loss_sum = 0.0
         for i, raw in enumerate(self.eval_data):
@@ -420,12 +424,13 @@ class Trainer:
         packed = torch.tensor(acc.top1 + acc.top5 + [acc.total], dtype=torch.float64,
                               device=self.ctx.device if self.ctx.device.type == "cuda" else "cpu")
         du.all_reduce_sum(packed)
-        n = self.number_net
+        n = self.number_net + 1
         vals = packed.tolist()
         total = max(vals[2 * n], 1.0)
+        top1 = [100.0 * v / total for v in vals[:n]]
+        top5 = [100.0 * v / total for v in vals[n:2 * n]]
         record = {k: float(v) for k, v in s.train_meter.averages().items()}
-        record["top1"] = [100.0 * v / total for v in vals[:n]]
-        record["top5"] = [100.0 * v / total for v in vals[n:2 * n]]
+        record.update(top1=top1[:-1], top5=top5[:-1], ens_top1=top1[-1], ens_top5=top5[-1])
         return record
 
     # ----- the run ------------------------------------------------------------
@@ -470,7 +475,7 @@ class Trainer:
         s.epoch += 1
         s.step = 0
         s.train_meter = SumMeter()
-        s.train_acc = AccuracyCounter(self.number_net)
+        s.train_acc = AccuracyCounter(self.number_net + 1)
         s.elapsed, s.images = 0.0, 0
         self.save()
         if is_best and self.ctx.is_main:

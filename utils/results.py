@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ BOOKKEEPING_KEYS = frozenset({
     "device", "gpu_id", "gpu_ids", "gpu", "multiprocessing_distributed",
     "dist_url", "dist_backend", "world_size", "rank", "local_rank",
     "print_freq", "log_freq", "tensorboard", "no_tensorboard", "verbose", "quiet", "script",
-    "versions", "no_progress", "save_every_steps", "eval_batch_size",
+    "versions", "no_progress", "save_every_steps", "eval_batch_size", "world_size_total", "batch_per_process",
     # same maths, another execution path (amp, which changes numerics, is not in this list)
     "channels_last", "data_path", "fast", "deterministic",
 })
@@ -144,14 +145,16 @@ def find_run_dirs(patterns: Sequence[str]) -> List[str]:
     for pattern in patterns:
         paths = sorted(glob.glob(pattern)) if _has_glob(pattern) else [pattern]
         if not paths:
-            raise UserError(f"no run directory matches {pattern!r}; check the pattern (quote it to let summarize expand it)")
+            raise UserError(f"no run directory matches {pattern!r}; "
+                            "check the pattern (quote it to let summarize expand it)")
         for path in paths:
             if os.path.isfile(path) and os.path.basename(path) in ("config.json", "metrics.jsonl", "summary.json"):
                 path = os.path.dirname(path) or "."
             if not os.path.exists(path):
                 raise UserError(f"no such run directory: {path}")
             if not os.path.isdir(path):
-                raise UserError(f"{path} is not a run directory; pass directories written by main_cifar.py, main_imagenet.py or main_lincls.py")
+                raise UserError(f"{path} is not a run directory; pass directories written by "
+                                "main_cifar.py, main_imagenet.py or main_lincls.py")
             found.extend(_runs_below(path))
     unique = list(OrderedDict((os.path.realpath(p), p) for p in found).values())
     if not unique:
@@ -188,7 +191,8 @@ def _read_jsonl(path: str) -> List[Dict[str, Any]]:
         except ValueError:
             if number == len(lines):
                 break
-            raise UserError(f"cannot read {path}: line {number} is not JSON; fix or remove that run directory") from None
+            raise UserError(f"cannot read {path}: line {number} is not JSON; "
+                            "fix or remove that run directory") from None
         if not isinstance(record, dict):
             raise UserError(f"cannot read {path}: line {number} is not a JSON object")
         records.append(record)
@@ -299,7 +303,7 @@ def section_title(run: Run) -> str:
     dataset = str(run.config.get("dataset", "")).strip()
     pretty = DATASET_DISPLAY_NAMES.get(dataset.lower(), dataset)
     if script == "main_lincls":
-        return f"MoCo linear evaluation{' on ' + pretty if pretty else ''} (main_lincls.py)"
+        return f"Linear evaluation{' on ' + pretty if pretty else ''} (main_lincls.py)"
     if script == "main_moco_mcl":
         return "MoCo pre-training (main_moco_mcl.py)"
     default = "ImageNet" if script == "main_imagenet" else "CIFAR-100"
@@ -339,7 +343,7 @@ def run_setting(run: Run) -> str:
     """Column label of a run; a linear evaluation takes the label of the run it evaluates."""
     if run.script == "main_lincls":
         if run.pretrain_config is not None:
-            return base_setting(run.pretrain_config, "main_moco_mcl")
+            return base_setting(run.pretrain_config)
         return "linear eval"
     return base_setting(run.config, run.script)
 
@@ -497,22 +501,16 @@ def format_cell(cell: Cell) -> str:
     return text + ("*" if cell.partial else "")
 
 
+_LABEL_HEAD = re.compile(r"(Baseline|MoCo)|MCL\(×(\d+)\)(\+Logit KD)?")
+
+
 def _setting_sort_key(label: str) -> Tuple[int, int, str]:
-    head = label.split(" ")[0]
-    number = 0
-    if "(×" in head:
-        try:
-            number = int(head.split("(×")[1].split(")")[0])
-        except ValueError:
-            number = 0
-    if head in ("Baseline", "MoCo"):
-        rank = 0
-    elif head.startswith("MCL(×") and head.endswith(")") and "[" not in label:
-        rank = 1
-    elif head.startswith("MCL(×") and head.endswith("+Logit KD") and "[" not in label:
-        rank = 2
-    else:
-        rank = 3
+    """Baseline, MCL(×N) by N, MCL(×N)+Logit KD by N, then everything else by name."""
+    match = _LABEL_HEAD.match(label)
+    if match is None or label[match.end():].startswith(" ["):
+        return (3, 0, label)
+    number = int(match.group(2)) if match.group(2) else 0
+    rank = 0 if match.group(1) else (2 if match.group(3) else 1)
     return (rank, number, label)
 
 
@@ -526,6 +524,11 @@ def _section_sort_key(section: str) -> Tuple[int, str]:
         if f"({script}.py)" in section:
             return (index, section)
     return (len(SCRIPT_ORDER), section)
+
+
+def table_order(group: RunGroup) -> Tuple[Any, ...]:
+    """Sort key putting groups in the order of the tables: section, row, column."""
+    return (_section_sort_key(group.section), _row_sort_key(group.network), _setting_sort_key(group.setting))
 
 
 def table_layout(cells: Sequence[Cell]) -> "OrderedDict[str, Tuple[List[str], List[str], Dict[Tuple[str, str], Cell]]]":
@@ -570,7 +573,7 @@ def report_notes(groups: Sequence[RunGroup], metric: str, include_unfinished: bo
             lines.append(f"Note: {g.network}, {g.setting} has several runs with seed {', '.join(repeated)}.")
     wide = [g for g in groups if g.setting.startswith("Baseline") and g.number_net > 1]
     if metric == "paper" and wide:
-        names = ", ".join(OrderedDict((f"{g.network} {g.setting}", None) for g in wide))
+        names = ", ".join(OrderedDict((g.network + g.setting[len("Baseline"):], None) for g in wide))
         lines.append(
             f"Note: the Baseline runs of {names} train several independent networks; "
             "the paper metric takes the best of them (train with --number-net 1 for a single-network baseline)."
@@ -599,9 +602,12 @@ def markdown_report(groups: Sequence[RunGroup], metric: str, include_unfinished:
             values = [format_cell(table[(row, col)]) if (row, col) in table else "" for col in columns]
             out.append(f"| {row} | " + " | ".join(values) + " |")
         out.append("")
-    notes = report_notes(groups, metric, include_unfinished)
-    if notes:
-        out += notes + [""]
+    for note in report_notes(groups, metric, include_unfinished):
+        if out[-1] and not note.startswith("- "):
+            out.append("")
+        out.append(note)
+    if out[-1]:
+        out.append("")
     return "\n".join(out)
 
 
@@ -679,7 +685,7 @@ def plot_groups(groups: Sequence[RunGroup], path: str, include_unfinished: bool 
     seeds) per epoch, learning rate on a second y axis. Returns the number of panels."""
     plt = require_matplotlib()
     panels = []
-    for group in groups:
+    for group in sorted(groups, key=table_order):
         runs = [r for r in group.runs if r.finished or include_unfinished]
         curves = group_curves(runs)
         if any(name != "lr" for name in curves):
@@ -761,7 +767,8 @@ def network_state_from_cohort_keys(model_state: Dict[str, Any], topology: str, i
     "branches.{k}.X" -> "branch.X".
     """
     if topology == "branched":
-        return {**take_prefix(model_state, "stem.", "stem."), **take_prefix(model_state, f"branches.{index}.", "branch.")}
+        return {**take_prefix(model_state, "stem.", "stem."),
+                **take_prefix(model_state, f"branches.{index}.", "branch.")}
     return take_prefix(model_state, f"nets.{index}.")
 
 
@@ -794,7 +801,8 @@ def _record_at(records: Sequence[Dict[str, Any]], epoch: Any) -> Optional[Dict[s
     return None
 
 
-def epoch_of_checkpoint(records: Sequence[Dict[str, Any]], ckpt: Dict[str, Any], is_best_file: bool) -> Optional[Dict[str, Any]]:
+def epoch_of_checkpoint(records: Sequence[Dict[str, Any]], ckpt: Dict[str, Any],
+                        is_best_file: bool) -> Optional[Dict[str, Any]]:
     """The metrics record that describes the weights of ``ckpt``.
 
     best.pth.tar: the record of its best_epoch (else the best record); another file
@@ -843,28 +851,46 @@ def pick_net(ckpt: Dict[str, Any], ckpt_path: str, net_index: Optional[int]) -> 
                             f"network{'s' if number_net != 1 else ''} (0..{number_net - 1})")
         return NetChoice(index=net_index, reason="")
     if number_net == 1:
-        return NetChoice(index=0, reason="the checkpoint holds a single network")
+        return NetChoice(index=0, reason="")
     metrics_path = os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "metrics.jsonl")
     if not os.path.isfile(metrics_path):
-        return NetChoice(index=0, reason=f"no metrics.jsonl beside {ckpt_path}: exporting net 0 (choose another with --net-index)")
+        return NetChoice(index=0, reason=f"no metrics.jsonl beside {ckpt_path}: "
+                                         "exporting net 0 (choose another with --net-index)")
     is_best_file = os.path.basename(ckpt_path).startswith("best")
     choice = choose_net_index(_read_jsonl(metrics_path), ckpt, is_best_file, number_net)
     if choice is None:
-        return NetChoice(index=0, reason=f"{metrics_path} has no test results: exporting net 0 (choose another with --net-index)")
+        return NetChoice(index=0, reason=f"{metrics_path} has no test results: "
+                                         "exporting net 0 (choose another with --net-index)")
     return choice
 
 
+def on_meta(build: Any, *args: Any, **kwargs: Any) -> Any:
+    """``build(*args, **kwargs)`` with parameters on the meta device: no memory, no init cost.
+
+    Such a module only checks a state_dict's keys and shapes, or takes the
+    checkpoint's tensors with load_state_dict(assign=True).
+    """
+    import torch
+
+    with torch.device("meta"):
+        return build(*args, **kwargs)
+
+
 def _load_strict(module: Any, state: Dict[str, Any], what: str) -> None:
-    """load_state_dict(strict=True); CheckpointError naming a few offending keys."""
-    result = module.load_state_dict(state, strict=False)
+    """load_state_dict(strict=True, assign=True); CheckpointError naming a few offending keys.
+
+    assign=True: a module built on the meta device takes the tensors of ``state``.
+    """
+    result = module.load_state_dict(state, strict=False, assign=True)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         raise CheckpointError(
             f"{what} does not fit: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; was it written by another version?"
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; "
+            "is it a checkpoint of another --arch or of another version of the code?"
         )
     try:
-        module.load_state_dict(state, strict=True)  # shape mismatches surface here
+        module.load_state_dict(state, strict=True, assign=True)  # shape mismatches surface here
     except RuntimeError as err:
         raise CheckpointError(f"{what} does not fit: {str(err).splitlines()[-1].strip()}") from None
 
@@ -884,7 +910,8 @@ def extract_network(ckpt: Dict[str, Any], index: int) -> Tuple[str, Dict[str, An
     import models
     for key in ("arch", "num_classes", "model"):
         if ckpt.get(key) is None:
-            raise CheckpointError(f"the checkpoint has no {key!r} entry; export takes checkpoints of main_cifar.py / main_imagenet.py")
+            raise CheckpointError(f"the checkpoint has no {key!r} entry; "
+                                  "export takes checkpoints of main_cifar.py / main_imagenet.py")
     number_net = _checkpoint_number_net(ckpt)
     topology = ckpt.get("topology") or (ckpt.get("config") or {}).get("cohort") or "auto"
     num_classes = int(ckpt["num_classes"])
@@ -892,13 +919,15 @@ def extract_network(ckpt: Dict[str, Any], index: int) -> Tuple[str, Dict[str, An
     arch = _cohort_arch_names(ckpt, number_net)[index]
     notes: List[str] = []
     try:
-        cohort = models.build_cohort(str(ckpt["arch"]), number_net, num_classes, topology)
+        cohort = on_meta(models.build_cohort, str(ckpt["arch"]), number_net, num_classes, topology)
         _load_strict(cohort, model_state, "the checkpoint's cohort")
-        state = {k: v.detach().clone() for k, v in cohort.member(index).state_dict().items()}
+        state = {k: v.detach() for k, v in cohort.member(index).state_dict().items()}
+        if any(v.is_meta for v in state.values()):
+            raise CheckpointError("the cohort has state that its state_dict does not restore")
     except (ValueError, CheckpointError) as err:
         notes.append(f"could not rebuild the cohort ({err}); mapping keys instead")
         state = network_state_from_cohort_keys(model_state, cohort_topology(model_state), index)
-    _load_strict(models.get_model(arch, num_classes), state, f"network {index} ({arch})")
+    _load_strict(on_meta(models.get_model, arch, num_classes), state, f"network {index} ({arch})")
     return arch, state, notes
 
 
@@ -941,18 +970,20 @@ def torchvision_state(arch: str, num_classes: int, state: Dict[str, Any]) -> Dic
                 "CIFAR network of this project: export without --torchvision and load it with models.get_model"
             )
         return {**take_prefix(state, "stem."), **take_prefix(state, "branch.")}
-    reference = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    reference = on_meta(torchvision.models.get_model, arch, weights=None, num_classes=num_classes)
     return {**take_prefix(state, "stem.model."), **take_prefix(state, "branch.fc.", classifier_name(reference) + ".")}
 
 
-def check_torchvision_load(arch: str, num_classes: Optional[int], state: Dict[str, Any], without: Optional[str]) -> None:
+def check_torchvision_load(arch: str, num_classes: Optional[int], state: Dict[str, Any],
+                           without: Optional[str]) -> None:
     """``state`` loads into torchvision.models.<arch>: strictly, or missing only submodule ``without``."""
     import torchvision
-    model = torchvision.models.get_model(arch, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+    model = on_meta(torchvision.models.get_model, arch, weights=None,
+                    **({"num_classes": num_classes} if num_classes else {}))
     if without is None:
         _load_strict(model, state, f"the torchvision {arch} weights")
         return
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False, assign=True)
     extra = [k for k in result.missing_keys if not k.startswith(without + ".")] + list(result.unexpected_keys)
     if extra:
         raise CheckpointError(f"the torchvision {arch} weights do not fit: {extra[:3]}")
@@ -978,7 +1009,8 @@ def lincls_state(ckpt: Dict[str, Any]) -> Dict[str, Any]:
         candidate = take_prefix(model_state, prefix)
         if "conv1.weight" in candidate and "fc.weight" in candidate:
             return candidate
-    raise CheckpointError("unrecognised main_lincls checkpoint: its model has no torchvision ResNet keys (conv1.weight, fc.weight)")
+    raise CheckpointError("unrecognised main_lincls checkpoint: its model has no torchvision ResNet keys "
+                          "(conv1.weight, fc.weight)")
 
 
 def export_network(path: str, net_index: Optional[int] = None, which: str = "best",
@@ -1019,10 +1051,10 @@ def export_network(path: str, net_index: Optional[int] = None, which: str = "bes
     if drop_fc and dropped is None:
         if fmt == NATIVE_FORMAT:
             import models
-            dropped = classifier_name(models.get_model(arch, num_classes))
+            dropped = classifier_name(on_meta(models.get_model, arch, num_classes))
         else:
             import torchvision as tv
-            dropped = classifier_name(tv.models.get_model(arch, weights=None, num_classes=num_classes))
+            dropped = classifier_name(on_meta(tv.models.get_model, arch, weights=None, num_classes=num_classes))
         state = drop_module(state, dropped)
     if fmt == TORCHVISION_FORMAT:
         check_torchvision_load(arch, num_classes, state, dropped)
