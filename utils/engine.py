@@ -265,8 +265,11 @@ class Trainer:
     def best_path(self) -> str:
         return os.path.join(self.run_dir, "best.pth.tar")
 
-    def checkpoint(self) -> Dict[str, Any]:
+    def checkpoint(self, include_contrast: bool = True) -> Dict[str, Any]:
+        """Everything needed to continue; ``include_contrast=False`` leaves out memory
+        banks and the like, which evaluation and export never need (best.pth.tar)."""
         s = self.state
+        contrast = self.contrast if include_contrast else None
         return {
             "format": CHECKPOINT_FORMAT,
             "version": CHECKPOINT_VERSION,
@@ -284,7 +287,7 @@ class Trainer:
             "sampler": {"epoch": s.epoch, "start_batch": s.step},
             "meters": {"train": s.train_meter.state_dict(), "train_acc": s.train_acc.state_dict(),
                        "elapsed": s.elapsed, "images": s.images},
-            "extra": {"contrast": self.contrast.state_dict() if hasattr(self.contrast, "state_dict") else None},
+            "extra": {"contrast": contrast.state_dict() if hasattr(contrast, "state_dict") else None},
         }
 
     def save(self, path: Optional[str] = None) -> None:
@@ -479,7 +482,7 @@ class Trainer:
         s.elapsed, s.images = 0.0, 0
         self.save()
         if is_best and self.ctx.is_main:
-            atomic_save(self.checkpoint(), self.best_path)
+            atomic_save(self.checkpoint(include_contrast=False), self.best_path)
         self.logger.log_epoch(record)
         self.logger.text(format_epoch(record))
 

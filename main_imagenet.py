@@ -1,0 +1,259 @@
+"""Supervised Mutual Contrastive Learning on ImageNet with memory banks (SPEC sections 3, 5, 7, 8).
+
+    python main_imagenet.py --arch resnet18 --number-net 2 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.
+
+trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did. Several processes:
+``torchrun --nproc_per_node=K main_imagenet.py ...`` (--batch-size stays the global batch;
+the memory banks are kept identical on every process).
+"""
+import argparse
+import os
+import platform
+from typing import Any, Dict, List, Optional
+
+import torch
+
+import models
+from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
+from losses.mcl import build_projection_heads
+from models.cohort import parse_arch_names, resolve_topology
+from utils import distributed as du
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args
+from utils.checkpoint import load_checkpoint, seed_everything
+from utils.cli import run_main
+from utils.contrast import MemoryContrast
+from utils.engine import (Batch, CohortWithHeads, LoopConfig, Objective, Precision, Trainer,
+                          validate_precision)
+from utils.errors import CheckpointError, ConfigError, DatasetError
+from utils.logging import RunLogger, ensure_writable_dir
+from utils.run import (build_sgd, cohort_description, configure_determinism, default_run_name, load_for_run,
+                       resolve_resume, validate_cohort_args)
+
+SCRIPT = "main_imagenet"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__ + "\nFaithful to the original: --logit-distill distils the ensemble into the LAST "
+        "network only, and the ensemble is NOT detached (gradient also flows through the teacher side; "
+        "--detach-ensemble changes that); N != 2 builds the branched network (--cohort).",
+        formatter_class=HelpFormatter)
+    add_original_training_args(parser, data="./data/ImageNet/", dataset="ImageNet",
+                               dataset_help="name used in the run directory (the data are read from --data)",
+                               arch="resnet18",
+                               weight_decay=1e-4, lr_type="multistep", milestones=(30, 60, 90), epochs=90,
+                               batch_size=256, num_workers=16, tau=0.07)
+    g = parser.add_argument_group("flags of the original (ImageNet only)")
+    g.add_argument("--rep-dim", default=1024, type=int,
+                   help="accepted for compatibility and ignored: the heads take each network's real feature size "
+                        "(the original overwrote this flag the same way)")
+    g.add_argument("--pos_k", default=1, type=int, help="positives per sample drawn from its class (besides itself)")
+    g.add_argument("--neg_k", default=8192, type=int,
+                   help="negatives per sample drawn from other classes (4096 works as well and halves the "
+                        "gathered memory rows)")
+    g.add_argument("--nce_m", default=0.5, type=float, help="momentum of the memory-bank update")
+    a = add_common_additions(parser)
+    a.add_argument("--image-size", type=int, default=224,
+                   help="training crop and evaluation crop size (evaluation resizes to size*256/224 first)")
+    a.add_argument("--detach-ensemble", action="store_true",
+                   help="detach the ensemble in --logit-distill (off: the original's ImageNet script lets the "
+                        "gradient flow through the ensemble; its CIFAR script detaches)")
+    # Checkpoints hold the memory banks (N x 1.28M x 128 floats on ImageNet-1k, 0.66 GB per
+    # network): save mid-epoch every 1000 steps rather than the CIFAR script's 100.
+    parser.set_defaults(save_every_steps=1000)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    if args.pos_k < 1:
+        raise ConfigError(f"--pos_k must be at least 1 (got {args.pos_k}): every sample needs a positive")
+    if args.neg_k < 1:
+        raise ConfigError(f"--neg_k must be at least 1 (got {args.neg_k}); the paper uses 8192 or 4096")
+    if not 0.0 <= args.nce_m < 1.0:
+        raise ConfigError(f"--nce_m must be in [0, 1) (got {args.nce_m}); the original uses 0.5")
+    if args.image_size < 16:
+        raise ConfigError(f"--image-size must be at least 16 (got {args.image_size})")
+    if args.epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.feat_dim < 1:
+        raise ConfigError(f"--feat-dim must be positive (got {args.feat_dim})")
+    return args
+
+
+def build_cohort(arch: str, number_net: int, num_classes: int, cohort: str):
+    try:
+        return models.build_cohort(arch, number_net, num_classes, cohort)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_objective(args: argparse.Namespace) -> Objective:
+    """Loss weights; logit KD as the original's ImageNet script: last network only, ensemble not detached."""
+    return Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
+                     kd_all_students_when_two=False, kd_detach_ensemble=args.detach_ensemble)
+
+
+def to_batch(raw, device: torch.device) -> Batch:
+    """Training items (images, targets, index, pos_idx, neg_idx) or evaluation items (images, targets)."""
+    inputs, targets = raw[0].to(device, non_blocking=True), raw[1].to(device, non_blocking=True)
+    if len(raw) == 2:
+        return Batch(inputs, targets)
+    index, pos_idx, neg_idx = (t.to(device, non_blocking=True).long() for t in raw[2:5])
+    return Batch(inputs, targets, {"index": index, "pos_idx": pos_idx, "neg_idx": neg_idx})
+
+
+def check_contrast_data(info: TrainSetInfo, pos_k: int) -> None:
+    """The memory-bank contrast needs negatives (2+ classes) and pos_k other images per class."""
+    if info.num_classes < 2:
+        raise DatasetError("the training set has a single class; the contrastive terms need at least two "
+                           "(or set --alpha --gamma --beta --lam to 0)")
+    smallest = min(range(info.num_classes), key=lambda c: info.class_counts[c])
+    if info.class_counts[smallest] < pos_k + 1:
+        raise ConfigError(f"class {info.classes[smallest]!r} has {info.class_counts[smallest]} training images but "
+                          f"--pos_k {pos_k} needs {pos_k + 1} per class (the sample and {pos_k} others); "
+                          f"lower --pos_k or add images")
+
+
+def check_banks_fit(ckpt: Dict[str, Any], path: str, n_data: int) -> None:
+    state = (ckpt.get("extra") or {}).get("contrast") or {}
+    bank = state.get("memory_0")
+    if bank is not None and bank.shape[0] != n_data:
+        raise CheckpointError(f"{path} holds memory banks for {bank.shape[0]} training images but --data has "
+                              f"{n_data}; resume with the training set of that run")
+
+
+def run_config(args: argparse.Namespace, topology: str, info: TrainSetInfo, world_size: int) -> Dict[str, Any]:
+    config = dict(vars(args))
+    config.update(topology=topology, num_classes=info.num_classes, n_data=info.n_data, world_size=world_size,
+                  versions={"python": platform.python_version(), "torch": torch.__version__})
+    return config
+
+
+def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
+    """--evaluate: val top-1/top-5 of every network and of the ensemble of a saved run."""
+    ckpt = load_checkpoint(path)
+    eval_bs = args.eval_batch_size or 2 * args.batch_size
+    val, classes = build_val_loader(args.data, image_size=args.image_size, batch_size=eval_bs, rank=ctx.rank,
+                                    world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device)
+    if ckpt["num_classes"] != len(classes):
+        raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but {args.data}/val has "
+                          f"{len(classes)}")
+    cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(ctx.device)
+    cohort.load_state_dict(ckpt["model"])
+    if args.channels_last:
+        cohort = cohort.to(memory_format=torch.channels_last)
+    loop = LoopConfig(epochs=1, init_lr=0.0, lr_type="multistep", milestones=(),
+                      max_eval_batches=args.max_eval_batches)
+    trainer = Trainer(CohortWithHeads(cohort, None), torch.optim.SGD(cohort.parameters(), lr=0.0), Objective(),
+                      None, None, val, ctx, loop, Precision(args.amp, args.channels_last),
+                      RunLogger("", enabled=False), os.path.dirname(path), {}, to_batch)
+    result = trainer.evaluate()
+    if ctx.is_main:
+        print(f"evaluated {path} (epoch {ckpt['epoch']}) on {result['images']} validation images of {args.data}")
+        for i, (t1, t5) in enumerate(zip(result["top1"], result["top5"])):
+            print(f"  net {i} ({cohort.arch_names[i]}): top-1 {t1:.2f}  top-5 {t5:.2f}")
+        print(f"  ensemble: top-1 {result['ens_top1']:.2f}  top-5 {result['ens_top5']:.2f}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+    ctx = du.setup_distributed(device=args.device)
+    try:
+        return train_or_evaluate(args, ctx)
+    finally:
+        du.cleanup()
+
+
+def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
+    validate_precision(args.amp, ctx.device)
+    configure_determinism(args.deterministic, ctx.device)
+    seed_everything(args.manual_seed)
+    topology = resolve_topology(args.cohort, parse_arch_names(args.arch, args.number_net))
+    run_name = args.run_name or default_run_name(args.dataset, args.arch, args.number_net, topology, args.alpha,
+                                                 args.gamma, args.beta, args.lam, args.logit_distill,
+                                                 args.manual_seed)
+    run_dir = os.path.join(args.checkpoint_dir, run_name)
+    if args.evaluate:
+        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(run_dir, "best.pth.tar"))
+    if ctx.is_main:
+        ensure_writable_dir(run_dir)
+    resume_path = resolve_resume(args.resume, args.resume_checkpoint, run_dir)
+    ckpt = None
+    if resume_path is not None:
+        ckpt = load_for_run(resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
+        if ckpt.get("finished"):
+            if ctx.is_main:
+                print(f"{resume_path}: this run already finished all {ckpt['config']['epochs']} epochs; nothing to do")
+            return 0
+
+    objective = build_objective(args)
+    train_data, info = build_train_data(
+        args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,
+        neg_k=args.neg_k if objective.uses_contrast else 0, seed=args.manual_seed, rank=ctx.rank,
+        world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device)
+    eval_bs = args.eval_batch_size or 2 * args.batch_size
+    val_data, val_classes = build_val_loader(args.data, image_size=args.image_size, batch_size=eval_bs,
+                                             rank=ctx.rank, world_size=ctx.world_size,
+                                             num_workers=args.num_workers, device=ctx.device)
+    check_same_classes(info.classes, val_classes, args.data)
+    if objective.uses_contrast:
+        check_contrast_data(info, args.pos_k)
+    if ckpt is not None:
+        if ckpt["num_classes"] != info.num_classes:
+            raise ConfigError(f"{resume_path} was trained for {ckpt['num_classes']} classes but {args.data} has "
+                              f"{info.num_classes}")
+        check_banks_fit(ckpt, resume_path, info.n_data)
+
+    seed_everything(args.manual_seed)
+    cohort = build_cohort(args.arch, args.number_net, info.num_classes, args.cohort)
+    heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if objective.uses_contrast else None
+    model = CohortWithHeads(cohort, heads).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_sgd(model.parameters(), args.init_lr, args.weight_decay)
+    contrast = None
+    if objective.uses_contrast:
+        contrast = MemoryContrast(args.number_net, info.n_data, args.feat_dim, args.tau, args.kd_T, args.nce_m,
+                                  seed=args.manual_seed).to(ctx.device)
+
+    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    config = run_config(args, topology, info, ctx.world_size)
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
+            "topology": topology, "num_classes": info.num_classes}
+    loop = LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
+                      save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
+                      max_eval_batches=args.max_eval_batches, progress=not args.no_progress)
+    trainer = Trainer(model, optimizer, objective, contrast, train_data, val_data, ctx, loop,
+                      Precision(args.amp, args.channels_last), logger, run_dir, meta, to_batch)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    if ctx.is_main:
+        logger.write_config(config)
+        logger.text(start_line(args, cohort, info, len(val_data.dataset), ctx, run_dir, resume_path, trainer))
+    return trainer.fit()
+
+
+def start_line(args: argparse.Namespace, cohort, info: TrainSetInfo, n_val: int, ctx: du.DistContext,
+               run_dir: str, resume_path: Optional[str], trainer: Trainer) -> str:
+    """One line describing the run about to start."""
+    n_params, desc = cohort_description(cohort)
+    madds = models.count_multiply_adds(cohort.eval(), (1, 3, args.image_size, args.image_size)) / 1e9
+    where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
+    banks = ""
+    if trainer.contrast is not None:
+        size = args.number_net * info.n_data * args.feat_dim * 4 / 2 ** 20
+        banks = f"; memory banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB)"
+    start = (f"resuming {resume_path} at epoch {trainer.state.epoch + 1} step {trainer.state.step}"
+             if resume_path is not None else "starting")
+    return (f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per {args.image_size}px image; "
+            f"{info.num_classes} classes, {info.n_data} train / {n_val} val images{banks}; {where}; "
+            f"run directory {run_dir}; {start}")
+
+
+if __name__ == "__main__":
+    run_main(main)
