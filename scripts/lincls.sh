@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Linear evaluation of the encoders pre-trained by scripts/train_moco_mcl.sh, with the
+# paper's settings: frozen backbone, fresh fc, lr 30, schedule 60/80, 100 epochs, wd 0,
+# batch 256 over 8 GPUs. Query encoder 0 of every run by default; NET_INDEX=1 (or
+# "0 1") evaluates the other encoders of an MCL(x2) cohort too.
+# Environment: DATA, GPU_IDS, PORT, SEEDS as in train_moco_mcl.sh; EPOCH_FILE
+# (default checkpoint_0199.pth.tar, the last epoch of a 200-epoch pre-training).
+# Extra arguments are passed to every run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-./data/ImageNet}
+GPU_IDS=${GPU_IDS:-0,1,2,3,4,5,6,7}
+PORT=${PORT:-10001}
+SEEDS=${SEEDS:-0}
+NET_INDEX=${NET_INDEX:-0}
+EPOCH_FILE=${EPOCH_FILE:-checkpoint_0199.pth.tar}
+for seed in $SEEDS; do
+    for n in 1 2; do
+        run="./checkpoint/moco_resnet18_n${n}_seed${seed}"
+        for i in $NET_INDEX; do
+            if [ "$i" -ge "$n" ]; then continue; fi
+            python3 main_lincls.py --data "$DATA" -a resnet18 --lr 30.0 --batch-size 256 \
+                --pretrained "$run/$EPOCH_FILE" --net-index "$i" \
+                --dist-url "tcp://localhost:$PORT" --multiprocessing-distributed --world-size 1 --rank 0 \
+                --gpu-ids "$GPU_IDS" --seed "$seed" \
+                --checkpoint "./checkpoint/lincls_resnet18_n${n}_seed${seed}_net$i" "$@"
+        done
+    done
+done
