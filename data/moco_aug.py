@@ -1,0 +1,167 @@
+"""MoCo augmentations: two random views of one image (query, key).
+
+v1 (default) is InstDisc's: RandomResizedCrop(scale 0.2-1), grayscale p=0.2,
+ColorJitter(0.4, 0.4, 0.4, 0.4), flip. v2 (``--aug-plus``) is SimCLR-like:
+crop, ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur
+(sigma in [0.1, 2]) with p=0.5, flip. ``image_size`` is 224 for the paper; tests
+use 32 or 64.
+
+The original blurred with PIL's ``GaussianBlur(radius=sigma)``; here
+torchvision's v2 ``GaussianBlur`` with a kernel of 2*ceil(3*sigma_max)+1 = 13
+pixels, which holds the Gaussian out to three standard deviations.
+"""
+import math
+from typing import Callable, List, Tuple
+
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+BLUR_SIGMA = (0.1, 2.0)
+
+
+def to_normalised_tensor() -> List[Callable]:
+    """PIL image -> float tensor (3, H, W) normalised with ImageNet statistics."""
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def gaussian_blur(sigma: Tuple[float, float] = BLUR_SIGMA) -> v2.GaussianBlur:
+    """Blur with sigma drawn uniformly from ``sigma`` for every image."""
+    kernel = 2 * math.ceil(3 * sigma[1]) + 1
+    return v2.GaussianBlur(kernel_size=kernel, sigma=sigma)
+
+
+def moco_v1_augmentation(image_size: int = 224) -> v2.Compose:
+    """MoCo v1 view (InstDisc augmentation)."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomGrayscale(p=0.2),
+            v2.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            v2.RandomHorizontalFlip(),
+            *to_normalised_tensor(),
+        ]
+    )
+
+
+def moco_v2_augmentation(image_size: int = 224) -> v2.Compose:
+    """MoCo v2 view (``--aug-plus``)."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([gaussian_blur()], p=0.5),
+            v2.RandomHorizontalFlip(),
+            *to_normalised_tensor(),
+        ]
+    )
+
+
+def moco_augmentation(aug_plus: bool, image_size: int = 224) -> v2.Compose:
+    """v2 augmentation if ``aug_plus`` else v1."""
+    return moco_v2_augmentation(image_size) if aug_plus else moco_v1_augmentation(image_size)
+
+
+class TwoCropsTransform:
+    """Apply ``base_transform`` twice to one image: returns [query view, key view]."""
+
+    def __init__(self, base_transform: Callable) -> None:
+        self.base_transform = base_transform
+
+    def __call__(self, image) -> List[torch.Tensor]:
+        return [self.base_transform(image), self.base_transform(image)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base_transform!r})"
+
+
+def linear_train_transform(image_size: int = 224) -> v2.Compose:
+    """Linear-evaluation training view: RandomResizedCrop + flip (the original's)."""
+    return v2.Compose(
+        [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), *to_normalised_tensor()]
+    )
+
+
+def center_crop_transform(image_size: int = 224, resize_ratio: float = 256 / 224) -> v2.Compose:
+    """Evaluation view: Resize(256) + CenterCrop(224), scaled to ``image_size``."""
+    resize = int(round(image_size * resize_ratio))
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(image_size), *to_normalised_tensor()])
+
+
+# ----------------------------------------------------------------------------- loading
+
+def image_folder(root: str, split: str, transform: Callable) -> "torchvision.datasets.ImageFolder":
+    """``root/split`` as an ImageFolder; DatasetError when it is missing or empty."""
+    import os
+
+    from torchvision.datasets import ImageFolder
+
+    from utils.errors import DatasetError
+
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DatasetError(
+            f"{path} is not a directory; --data must hold {split}/<class>/<image> folders (ImageNet layout)"
+        )
+    try:
+        return ImageFolder(path, transform)
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DatasetError(f"no images found under {path} ({err}); expected {split}/<class>/<image>.JPEG") from None
+
+
+class ShuffledBatchSampler:
+    """This rank's share of global batches of a seeded permutation; resumable mid-epoch.
+
+    Epoch e uses the permutation of range(n) drawn from (seed, e). Global batch b is
+    positions [b*G, (b+1)*G), G = batch_per_rank * world_size, and rank r keeps the
+    r-th contiguous slice. ``drop_last`` drops the last partial global batch (MoCo
+    pre-training, like the original); otherwise it is padded by wrapping around
+    the permutation to a multiple of world_size (DistributedSampler's rule), so
+    every rank gets the same batch size. ``set_start_batch(k)`` skips the first k
+    batches of the current epoch (resume).
+    """
+
+    def __init__(self, n: int, batch_per_rank: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, drop_last: bool = True) -> None:
+        self.n = int(n)
+        self.batch_per_rank = int(batch_per_rank)
+        self.rank, self.world_size = rank, world_size
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start_batch = 0
+        self.epoch = int(epoch)
+
+    def set_start_batch(self, start_batch: int) -> None:
+        self.start_batch = int(start_batch)
+
+    def num_batches(self) -> int:
+        full, rest = divmod(self.n, self.global_batch)
+        return full if self.drop_last or rest == 0 else full + 1
+
+    def __len__(self) -> int:
+        return max(self.num_batches() - self.start_batch, 0)
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self):
+        perm = self._permutation()
+        for b in range(self.start_batch, self.num_batches()):
+            chunk = perm[b * self.global_batch:(b + 1) * self.global_batch]
+            if chunk.numel() % self.world_size:
+                pad = self.world_size - chunk.numel() % self.world_size
+                chunk = torch.cat([chunk, perm[:pad]])
+            share = chunk.numel() // self.world_size
+            yield chunk[self.rank * share:(self.rank + 1) * share].tolist()

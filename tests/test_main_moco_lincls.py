@@ -1,0 +1,213 @@
+"""main_moco_mcl.py and main_lincls.py end to end on a tiny ImageFolder of real JPEG files.
+
+Pre-training is stopped by a (simulated) SIGTERM after one step and resumed; the
+linear evaluation then runs on the result. A separate run uses the README's
+--multiprocessing-distributed flags with two gloo processes on CPU (shuffled BN).
+Pre-trained key loading is checked for every --net-index of MoCo, supervised
+cohort and original-code checkpoints.
+"""
+import json
+import os
+import signal
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import main_lincls
+import main_moco_mcl
+from data.moco_aug import ShuffledBatchSampler
+from models.moco import MoCoMCL, pooled_features
+from utils.checkpoint import load_checkpoint
+from utils.cli import run_main
+from main_moco_mcl import GracefulStop
+from utils.errors import ConfigError
+
+TINY = ["-a", "resnet18", "-b", "8", "--image-size", "32", "-j", "0", "--device", "cpu", "-p", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    """train/ and val/ with 3 classes of 40x40 JPEG files (8 train, 2 val each)."""
+    root = tmp_path_factory.mktemp("tiny_imagenet")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (rng.random((40, 40, 3)) * 90 + 70 * c).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"img{i}.JPEG", quality=90)
+    return str(root)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class StopAfterFirstStep(GracefulStop):
+    """Behaves as if SIGTERM arrived during the first step."""
+
+    def agreed(self, device):
+        self.signum = signal.SIGTERM
+        return signal.SIGTERM
+
+
+def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "moco")
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "20", "--max-train-batches", "2",
+                   "--checkpoint", run_dir, "--mlp", "--aug-plus", "--seed", "0", "--number-net", "2",
+                   "--knn-data", image_root, "--max-eval-batches", "1"]
+    monkeypatch.setattr(main_moco_mcl, "GracefulStop", StopAfterFirstStep)
+    assert main_moco_mcl.main(argv) == 0
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["finished"]) == (0, 1, False)
+    assert ckpt["model"]["queue_ptr"].tolist() == [8, 8]
+    assert ckpt["model"]["queue"].shape == (2, 128, 20)
+
+    monkeypatch.undo()
+    assert main_moco_mcl.main(argv + ["--resume"]) == 0
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
+    assert (ckpt["epoch"], ckpt["step"], ckpt["finished"]) == (1, 0, True)
+    assert ckpt["model"]["queue_ptr"].tolist() == [16, 16]  # 2 steps of 8 keys, K = 20
+    assert "encoders_k.1.fc.2.weight" in ckpt["model"] and ckpt["optimizer"]["state"]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["epoch"] for r in records] == [0]
+    assert len(records[0]["knn"]["top1"]) == 2 and len(records[0]["train"]["top1"]) == 2
+    final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
+    assert os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(final)
+
+    lin_dir = str(tmp_path / "lincls")
+    assert main_lincls.main(TINY + ["--data", image_root, "--pretrained", final, "--net-index", "1",
+                                    "--epochs", "1", "--max-train-batches", "2", "--checkpoint", lin_dir]) == 0
+    for name in ("checkpoint.pth.tar", "best.pth.tar", "summary.json", "metrics.jsonl"):
+        assert os.path.exists(os.path.join(lin_dir, name))
+    lin = load_checkpoint(os.path.join(lin_dir, "checkpoint.pth.tar"))
+    assert lin["script"] == "main_lincls" and lin["finished"]
+    encoder_conv = ckpt["model"]["encoders_q.1.conv1.weight"]
+    assert torch.equal(lin["model"]["conv1.weight"], encoder_conv)
+    with open(os.path.join(lin_dir, "summary.json")) as f:
+        summary = json.load(f)
+    assert 0.0 <= summary["last_top1"][0] <= 100.0
+
+
+def test_readme_multiprocessing_command_with_two_gloo_processes(image_root, tmp_path):
+    run_dir = str(tmp_path / "ddp")
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "2",
+                   "--checkpoint", run_dir, "--number-net", "2", "--seed", "1",
+                   "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                   "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
+    assert main_moco_mcl.main(argv) == 0
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
+    assert ckpt["config"]["batch_per_process"] == 4 and ckpt["config"]["world_size_total"] == 2
+    # keys of both processes (2 x 4 per step) went into every queue: 2 steps -> pointer 16 mod 16
+    assert ckpt["model"]["queue_ptr"].tolist() == [0, 0]
+    assert ckpt["finished"]
+    with open(os.path.join(run_dir, "log.txt")) as f:
+        assert "2 processes, shuffled BN" in f.read()
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main_moco_mcl.main, TINY + ["--data", str(tmp_path / "missing"), "--checkpoint", str(tmp_path / "r")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main_moco_mcl.main,
+                 TINY + ["--moco-k", "4", "--data", str(tmp_path), "--checkpoint", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "--moco-k" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- pre-trained keys
+
+def _features_equal(net, classifier, x):
+    """net(x) pooled feature == classifier's pooled feature (both in eval mode)."""
+    return torch.allclose(net, pooled_features(classifier.eval(), x), atol=1e-5)
+
+
+def test_moco_keys_load_for_every_net_index():
+    torch.manual_seed(0)
+    moco = MoCoMCL("resnet18", number_net=3, dim=8, queue_size=8, mlp=True).eval()
+    ckpt = {"format": "mcl-checkpoint", "script": "main_moco_mcl", "arch": "resnet18", "number_net": 3,
+            "model": moco.state_dict()}
+    x = torch.randn(2, 3, 32, 32)
+    for i in range(3):
+        state, arch, _ = main_lincls.backbone_state(ckpt, i, "ckpt")
+        assert arch == "resnet18" and not any(k.startswith("fc.") for k in state)
+        clf = main_lincls.build_classifier(arch, 5)
+        main_lincls.load_backbone(clf, state, "ckpt")
+        assert _features_equal(pooled_features(moco.encoders_q[i], x), clf, x)
+        assert clf.fc.bias.abs().sum() == 0 and clf.fc.weight.std() < 0.05
+    with pytest.raises(ConfigError):
+        main_lincls.backbone_state(ckpt, 3, "ckpt")
+
+
+def test_original_code_checkpoint_keys():
+    torch.manual_seed(1)
+    moco = MoCoMCL("resnet18", number_net=2, dim=8, queue_size=8).eval()
+    state = {}
+    for i in range(2):
+        state.update({f"module.encoder_q_{i}.{k}": v for k, v in moco.encoders_q[i].state_dict().items()})
+    ckpt = {"epoch": 200, "arch": "resnet18", "state_dict": state}
+    x = torch.randn(2, 3, 32, 32)
+    for i in range(2):
+        backbone, arch, _ = main_lincls.backbone_state(ckpt, i, "orig")
+        clf = main_lincls.build_classifier(arch, 4)
+        main_lincls.load_backbone(clf, backbone, "orig")
+        assert _features_equal(pooled_features(moco.encoders_q[i], x), clf, x)
+
+
+@pytest.mark.parametrize("number_net,cohort", [(2, "independent"), (3, "branched")])
+def test_supervised_cohort_keys_load_for_every_net_index(number_net, cohort):
+    models = pytest.importorskip("models")
+    torch.manual_seed(2)
+    net = models.build_cohort("resnet18", number_net, 10, cohort).eval()
+    ckpt = {"format": "mcl-checkpoint", "script": "main_imagenet", "arch": "resnet18", "number_net": number_net,
+            "topology": cohort, "model": net.state_dict()}
+    x = torch.randn(2, 3, 32, 32)
+    _, features = net(x)
+    for i in range(number_net):
+        state, arch, _ = main_lincls.backbone_state(ckpt, i, "sup")
+        clf = main_lincls.build_classifier(arch, 7)
+        main_lincls.load_backbone(clf, state, "sup")
+        assert _features_equal(features[i], clf, x)
+
+
+def test_frozen_weight_check_catches_a_change():
+    clf = main_lincls.build_classifier("resnet18", 3)
+    reference = main_lincls.frozen_snapshot(clf)
+    trainable = main_lincls.freeze_all_but_fc(clf)
+    assert [p.shape for p in trainable] == [clf.fc.weight.shape, clf.fc.bias.shape]
+    with torch.no_grad():
+        clf.fc.weight.add_(1.0)
+    main_lincls.check_frozen_unchanged(clf, reference)  # the fc may change
+    clf.layer2[0].bn1.running_mean.add_(1e-3)
+    with pytest.raises(main_lincls.FrozenWeightsChanged, match="layer2.0.bn1.running_mean"):
+        main_lincls.check_frozen_unchanged(clf, reference)
+
+
+def test_weighted_knn_votes_by_similarity():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 0, 1])
+    test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
+    assert main_moco_mcl.weighted_knn_predict(train, labels, test, num_classes=2, k=3, t=0.1).tolist() == [0, 1]
+    # with k = 1 only the nearest neighbour votes
+    assert main_moco_mcl.weighted_knn_predict(train, labels, test[1:], num_classes=2, k=1).tolist() == [1]
+
+
+def test_sampler_shards_a_seeded_permutation_and_resumes():
+    full = [ShuffledBatchSampler(10, 2, r, 2, seed=3, drop_last=True) for r in range(2)]
+    batches = [list(s) for s in full]
+    assert len(batches[0]) == 2 and all(len(b) == 2 for b in batches[0] + batches[1])
+    seen = [i for r in range(2) for b in batches[r] for i in b]
+    assert len(set(seen)) == 8
+    resumed = ShuffledBatchSampler(10, 2, 1, 2, seed=3, drop_last=True)
+    resumed.set_start_batch(1)
+    assert list(resumed) == batches[1][1:]
