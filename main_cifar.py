@@ -8,7 +8,6 @@ trains MCL(x2) on CIFAR-100 as the paper did. Several processes:
 import argparse
 import os
 import platform
-import sys
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -26,8 +25,9 @@ from utils.engine import (Batch, CohortWithHeads, LoopConfig, Objective, Precisi
                           validate_precision)
 from utils.errors import ConfigError
 from utils.logging import RunLogger, ensure_writable_dir
-from utils.run import (build_sgd, cohort_description, configure_determinism, default_run_name, load_for_run,
-                       resolve_resume, validate_cohort_args)
+from utils.run import (build_sgd, cohort_description, configure_determinism, default_run_name,
+                       evaluate_saved_cohort, load_for_run, resolve_resume, run_in_process_group,
+                       validate_cohort_args)
 
 IMAGE_SHAPE = (1, 3, 32, 32)
 
@@ -107,35 +107,18 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
                           f"has {data.num_classes}")
-    cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(ctx.device)
-    cohort.load_state_dict(ckpt["model"])
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     _, test = build_cifar_loaders(data, path=args.data_path, batch_size=args.m_per_class, eval_batch_size=eval_bs,
                                   m_per_class=args.m_per_class, visit_all=False, seed=args.manual_seed,
                                   rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
                                   num_workers=args.num_workers, channels_last=args.channels_last)
-    loop = LoopConfig(epochs=1, init_lr=0.0, lr_type="cosine", milestones=(), max_eval_batches=args.max_eval_batches)
-    trainer = Trainer(CohortWithHeads(cohort, None), torch.optim.SGD(cohort.parameters(), lr=0.0), Objective(),
-                      None, None, test, ctx, loop, Precision(args.amp, args.channels_last),
-                      RunLogger("", enabled=False), os.path.dirname(path), {}, to_batch)
-    result = trainer.evaluate()
-    if ctx.is_main:
-        print(f"evaluated {path} (epoch {ckpt['epoch']}) on {result['images']} {args.dataset} test images")
-        for i, (t1, t5) in enumerate(zip(result["top1"], result["top5"])):
-            print(f"  net {i} ({cohort.arch_names[i]}): top-1 {t1:.2f}  top-5 {t5:.2f}")
-        print(f"  ensemble: top-1 {result['ens_top1']:.2f}  top-5 {result['ens_top5']:.2f}")
-    return 0
+    return evaluate_saved_cohort(ckpt, path, test, ctx.device, Precision(args.amp, args.channels_last), to_batch,
+                                 args.max_eval_batches, f"{args.dataset} test images", ctx.is_main)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.gpu_id is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
-    ctx = du.setup_distributed(device=args.device)
-    try:
-        return train_or_evaluate(args, ctx)
-    finally:
-        du.cleanup()
+    return run_in_process_group(args.gpu_id, args.device, lambda ctx: train_or_evaluate(args, ctx))
 
 
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:

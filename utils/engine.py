@@ -150,6 +150,39 @@ def compute_loss(
             "icl": icl, "soft_icl": soft_icl}
 
 
+def reduce_accuracy(counter: AccuracyCounter, device: torch.device, extras: Sequence[float] = ()):
+    """Sum hit counts (and ``extras``) over ranks -> (top1 %, top5 %, total, summed extras)."""
+    packed = torch.tensor(counter.top1 + counter.top5 + [counter.total] + list(extras), dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")  # NCCL needs CUDA tensors
+    du.all_reduce_sum(packed)
+    vals = packed.tolist()
+    n = len(counter.top1)
+    total = max(vals[2 * n], 1.0)
+    return ([100.0 * v / total for v in vals[:n]], [100.0 * v / total for v in vals[n:2 * n]],
+            int(vals[2 * n]), vals[2 * n + 1:])
+
+
+@torch.no_grad()
+def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device, precision: "Precision",
+                    to_batch: Callable[[Any, torch.device], Batch], max_batches: int = 0) -> Dict[str, Any]:
+    """Test top-1/top-5 (%) of every network and of the ensemble, and the mean CE, over all ranks."""
+    cohort.eval()
+    counter = AccuracyCounter(cohort.number_net + 1)
+    loss_sum = 0.0
+    for i, raw in enumerate(eval_data):
+        if max_batches and i >= max_batches:
+            break
+        batch = to_batch(raw, device)
+        with precision.autocast(device):
+            logits, _ = cohort(precision.prepare_inputs(batch.inputs))
+        logits = [z.float() for z in logits]
+        loss_sum += float(sum(F.cross_entropy(z, batch.targets, reduction="sum") for z in logits))
+        counter.update(logits + [ensemble_logits(logits)], batch.targets)
+    top1, top5, total, (loss_total,) = reduce_accuracy(counter, device, [loss_sum])
+    return {"top1": top1[:-1], "top5": top5[:-1], "ens_top1": top1[-1], "ens_top5": top5[-1],
+            "loss": loss_total / max(total, 1) / cohort.number_net, "images": total}
+
+
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
 
@@ -394,45 +427,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> Dict[str, Any]:
         """Top-1/top-5 of every network and of the ensemble, reduced over ranks."""
-        model = self.model
-        model.eval()
         # DDP broadcasts BatchNorm statistics from rank 0 before each training forward, so
         # after the last step every rank holds its own; evaluate (and save) rank 0's.
-        du.broadcast_buffers(model)
-        counter = AccuracyCounter(self.number_net + 1)
-        loss_sum = 0.0
-        for i, raw in enumerate(self.eval_data):
-            if self.loop.max_eval_batches and i >= self.loop.max_eval_batches:
-                break
-            batch = self.to_batch(raw, self.ctx.device)
-            with self.precision.autocast(self.ctx.device):
-                logits, _ = model.cohort(self.precision.prepare_inputs(batch.inputs))
-            logits = [z.float() for z in logits]
-            loss_sum += float(sum(F.cross_entropy(z, batch.targets, reduction="sum") for z in logits))
-            counter.update(logits + [ensemble_logits(logits)], batch.targets)
-        packed = torch.tensor(counter.top1 + counter.top5 + [counter.total, loss_sum], dtype=torch.float64,
-                              device=self.ctx.device if self.ctx.device.type == "cuda" else "cpu")
-        du.all_reduce_sum(packed)
-        n = self.number_net + 1
-        vals = packed.tolist()
-        total = max(vals[2 * n], 1.0)
-        top1 = [100.0 * v / total for v in vals[:n]]
-        top5 = [100.0 * v / total for v in vals[n:2 * n]]
-        return {"top1": top1[:-1], "top5": top5[:-1], "ens_top1": top1[-1], "ens_top5": top5[-1],
-                "loss": vals[2 * n + 1] / total / self.number_net, "images": int(vals[2 * n])}
+        du.broadcast_buffers(self.model)
+        return evaluate_cohort(self.model.cohort, self.eval_data, self.ctx.device, self.precision, self.to_batch,
+                               self.loop.max_eval_batches)
 
     def _train_record(self) -> Dict[str, Any]:
-        s = self.state
-        acc = s.train_acc
-        packed = torch.tensor(acc.top1 + acc.top5 + [acc.total], dtype=torch.float64,
-                              device=self.ctx.device if self.ctx.device.type == "cuda" else "cpu")
-        du.all_reduce_sum(packed)
-        n = self.number_net + 1
-        vals = packed.tolist()
-        total = max(vals[2 * n], 1.0)
-        top1 = [100.0 * v / total for v in vals[:n]]
-        top5 = [100.0 * v / total for v in vals[n:2 * n]]
-        record = {k: float(v) for k, v in s.train_meter.averages().items()}
+        top1, top5, _, _ = reduce_accuracy(self.state.train_acc, self.ctx.device)
+        record = {k: float(v) for k, v in self.state.train_meter.averages().items()}
         record.update(top1=top1[:-1], top5=top5[:-1], ens_top1=top1[-1], ens_top5=top5[-1])
         return record
 

@@ -4,7 +4,7 @@ Only the main process writes; other ranks get a logger whose methods do nothing.
 """
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from utils.errors import ConfigError
 

@@ -81,3 +81,35 @@ def require_checkpoint_fields(ckpt: Dict[str, Any], path: str, *keys: str) -> No
     missing = [k for k in keys if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by this script")
+
+
+def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
+                          to_batch: Any, max_batches: int, data_description: str, is_main: bool) -> int:
+    """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5 of every network and the ensemble."""
+    from models import build_cohort
+    from utils.engine import evaluate_cohort
+
+    cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(device)
+    cohort.load_state_dict(ckpt["model"])
+    if precision.channels_last:
+        cohort = cohort.to(memory_format=torch.channels_last)
+    result = evaluate_cohort(cohort, eval_data, device, precision, to_batch, max_batches)
+    if is_main:
+        print(f"evaluated {path} (epoch {ckpt['epoch']}) on {result['images']} {data_description}")
+        for i, (t1, t5) in enumerate(zip(result["top1"], result["top5"])):
+            print(f"  net {i} ({cohort.arch_names[i]}): top-1 {t1:.2f}  top-5 {t5:.2f}")
+        print(f"  ensemble: top-1 {result['ens_top1']:.2f}  top-5 {result['ens_top5']:.2f}")
+    return 0
+
+
+def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
+    """Honour --gpu-id, join the torchrun group if any, run ``body(ctx)``, leave the group."""
+    from utils import distributed as du
+
+    if gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
+    ctx = du.setup_distributed(device=device)
+    try:
+        return body(ctx)
+    finally:
+        du.cleanup()
