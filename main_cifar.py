@@ -12,25 +12,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-import models
-from models.cohort import parse_arch_names, resolve_topology
 from data.pipeline import DATASETS, build_cifar_loaders, load_arrays
-from losses.mcl import build_projection_heads
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
-from utils.checkpoint import load_checkpoint, seed_everything
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
-from utils.engine import (Batch, CohortWithHeads, LoopConfig, Objective, Precision, Trainer,
-                          validate_precision)
+from utils.engine import Batch, Objective, Precision, Trainer
 from utils.errors import ConfigError
-from utils.logging import RunLogger, ensure_writable_dir
-from utils.run import (build_sgd, cohort_description, configure_determinism, default_run_name,
-                       evaluate_saved_cohort, load_for_run, resolve_resume, run_in_process_group,
-                       validate_cohort_args)
-
-IMAGE_SHAPE = (1, 3, 32, 32)
-
+from utils.logging import RunLogger
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, loop_config,
+                       plan_supervised_run, run_in_process_group, start_description, validate_cohort_args)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -76,18 +68,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def build_cohort(arch: str, number_net: int, num_classes: int, cohort: str):
-    try:
-        return models.build_cohort(arch, number_net, num_classes, cohort)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def cohort_topology(arch: str, number_net: int, cohort: str) -> str:
-    """The topology the flags ask for (ConfigError for unknown names or impossible requests)."""
-    return resolve_topology(cohort, parse_arch_names(arch, number_net))
-
-
 def to_batch(raw, device: torch.device) -> Batch:
     inputs, targets = raw
     return Batch(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
@@ -122,69 +102,35 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
-    validate_precision(args.amp, ctx.device)
-    configure_determinism(args.deterministic, ctx.device)
-    seed_everything(args.manual_seed)
-    topology = cohort_topology(args.arch, args.number_net, args.cohort)
-    run_name = args.run_name or default_run_name(args.dataset, args.arch, args.number_net, topology, args.alpha,
-                                                 args.gamma, args.beta, args.lam, args.logit_distill,
-                                                 args.manual_seed)
-    run_dir = os.path.join(args.checkpoint_dir, run_name)
+    plan = plan_supervised_run(args, ctx)
     if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(run_dir, "best.pth.tar"))
-    if ctx.is_main:
-        ensure_writable_dir(run_dir)
-    resume_path = resolve_resume(args.resume, args.resume_checkpoint, run_dir)
-    ckpt = None
-    if resume_path is not None:
-        ckpt = load_for_run(resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
-        if ckpt.get("finished"):
-            if ctx.is_main:
-                print(f"{resume_path}: this run already finished all {ckpt['config']['epochs']} epochs; nothing to do")
-            return 0
-
+        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(plan.run_dir, "best.pth.tar"))
+    if plan.already_finished:
+        return 0
     data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes)
-    if ckpt is not None and ckpt["num_classes"] != data.num_classes:
-        raise ConfigError(f"{resume_path} was trained for {ckpt['num_classes']} classes but --dataset "
-                          f"{args.dataset} has {data.num_classes}")
-    seed_everything(args.manual_seed)
-    cohort = build_cohort(args.arch, args.number_net, data.num_classes, args.cohort)
+    check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     objective = Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
                           kd_all_students_when_two=True, kd_detach_ensemble=True)
-    heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if objective.uses_contrast else None
-    model = CohortWithHeads(cohort, heads).to(ctx.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_sgd(model.parameters(), args.init_lr, args.weight_decay)
-
-    eval_bs = args.eval_batch_size or 2 * args.batch_size
+    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
     train_data, test_data = build_cifar_loaders(
-        data, path=args.data_path, batch_size=args.batch_size, eval_batch_size=eval_bs,
+        data, path=args.data_path, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
         m_per_class=args.m_per_class, visit_all=args.visit_all, seed=args.manual_seed, rank=ctx.rank,
         world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
         channels_last=args.channels_last)
 
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
-    config = run_config(args, topology, data.num_classes, ctx.world_size)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
+    config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
     meta = {"script": "main_cifar", "config": config, "arch": args.arch, "number_net": args.number_net,
-            "topology": topology, "num_classes": data.num_classes}
-    loop = LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
-                      save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
-                      max_eval_batches=args.max_eval_batches, progress=not args.no_progress)
+            "topology": plan.topology, "num_classes": data.num_classes}
     trainer = Trainer(model, optimizer, objective, InBatchContrast(args.tau, args.kd_T), train_data, test_data,
-                      ctx, loop, Precision(args.amp, args.channels_last), logger, run_dir, meta, to_batch)
-    if ckpt is not None:
-        trainer.restore(ckpt)
+                      ctx, loop_config(args), Precision(args.amp, args.channels_last), logger, plan.run_dir, meta,
+                      to_batch)
+    if plan.ckpt is not None:
+        trainer.restore(plan.ckpt)
     if ctx.is_main:
         logger.write_config(config)
-        n_params, desc = cohort_description(cohort)
-        madds = models.count_multiply_adds(cohort.eval(), IMAGE_SHAPE) / 1e9
-        where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
-        start = (f"resuming {resume_path} at epoch {trainer.state.epoch + 1} step {trainer.state.step}"
-                 if ckpt is not None else "starting")
-        logger.text(f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per image; "
-                    f"{data.num_classes} classes, {len(data.train_labels)} train / {len(data.test_labels)} test "
-                    f"images; {where}; run directory {run_dir}; {start}")
+        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, trainer)}; {data.num_classes} "
+                    f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images")
     return trainer.fit()
 
 

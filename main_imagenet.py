@@ -1,4 +1,4 @@
-"""Supervised Mutual Contrastive Learning on ImageNet with memory banks (SPEC sections 3, 5, 7, 8).
+"""Supervised Mutual Contrastive Learning on ImageNet with memory banks.
 
     python main_imagenet.py --arch resnet18 --number-net 2 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.
 
@@ -13,22 +13,17 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-import models
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
-from losses.mcl import build_projection_heads
-from models.cohort import parse_arch_names, resolve_topology
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
-from utils.checkpoint import load_checkpoint, seed_everything
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
-from utils.engine import (Batch, CohortWithHeads, LoopConfig, Objective, Precision, Trainer,
-                          validate_precision)
+from utils.engine import Batch, Objective, Precision, Trainer
 from utils.errors import CheckpointError, ConfigError, DatasetError
-from utils.logging import RunLogger, ensure_writable_dir
-from utils.run import (build_sgd, cohort_description, configure_determinism, default_run_name,
-                       evaluate_saved_cohort, load_for_run, resolve_resume, run_in_process_group,
-                       validate_cohort_args)
+from utils.logging import RunLogger
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, loop_config,
+                       plan_supervised_run, run_in_process_group, start_description, validate_cohort_args)
 
 SCRIPT = "main_imagenet"
 
@@ -81,13 +76,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.feat_dim < 1:
         raise ConfigError(f"--feat-dim must be positive (got {args.feat_dim})")
     return args
-
-
-def build_cohort(arch: str, number_net: int, num_classes: int, cohort: str):
-    try:
-        return models.build_cohort(arch, number_net, num_classes, cohort)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 def build_objective(args: argparse.Namespace) -> Objective:
@@ -151,27 +139,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
-    validate_precision(args.amp, ctx.device)
-    configure_determinism(args.deterministic, ctx.device)
-    seed_everything(args.manual_seed)
-    topology = resolve_topology(args.cohort, parse_arch_names(args.arch, args.number_net))
-    run_name = args.run_name or default_run_name(args.dataset, args.arch, args.number_net, topology, args.alpha,
-                                                 args.gamma, args.beta, args.lam, args.logit_distill,
-                                                 args.manual_seed)
-    run_dir = os.path.join(args.checkpoint_dir, run_name)
+    plan = plan_supervised_run(args, ctx)
     if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(run_dir, "best.pth.tar"))
-    if ctx.is_main:
-        ensure_writable_dir(run_dir)
-    resume_path = resolve_resume(args.resume, args.resume_checkpoint, run_dir)
-    ckpt = None
-    if resume_path is not None:
-        ckpt = load_for_run(resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
-        if ckpt.get("finished"):
-            if ctx.is_main:
-                print(f"{resume_path}: this run already finished all {ckpt['config']['epochs']} epochs; nothing to do")
-            return 0
-
+        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(plan.run_dir, "best.pth.tar"))
+    if plan.already_finished:
+        return 0
     objective = build_objective(args)
     train_data, info = build_train_data(
         args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,
@@ -184,56 +156,33 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     check_same_classes(info.classes, val_classes, args.data)
     if objective.uses_contrast:
         check_contrast_data(info, args.pos_k)
-    if ckpt is not None:
-        if ckpt["num_classes"] != info.num_classes:
-            raise ConfigError(f"{resume_path} was trained for {ckpt['num_classes']} classes but {args.data} has "
-                              f"{info.num_classes}")
-        check_banks_fit(ckpt, resume_path, info.n_data)
+    check_resume_classes(plan, info.num_classes, args.data)
+    if plan.ckpt is not None:
+        check_banks_fit(plan.ckpt, plan.resume_path, info.n_data)
 
-    seed_everything(args.manual_seed)
-    cohort = build_cohort(args.arch, args.number_net, info.num_classes, args.cohort)
-    heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if objective.uses_contrast else None
-    model = CohortWithHeads(cohort, heads).to(ctx.device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_sgd(model.parameters(), args.init_lr, args.weight_decay)
+    cohort, model, optimizer = build_model_and_optimizer(args, info.num_classes, objective.uses_contrast, ctx.device)
     contrast = None
     if objective.uses_contrast:
         contrast = MemoryContrast(args.number_net, info.n_data, args.feat_dim, args.tau, args.kd_T, args.nce_m,
                                   seed=args.manual_seed).to(ctx.device)
 
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
-    config = run_config(args, topology, info, ctx.world_size)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
+    config = run_config(args, plan.topology, info, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
-            "topology": topology, "num_classes": info.num_classes}
-    loop = LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
-                      save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
-                      max_eval_batches=args.max_eval_batches, progress=not args.no_progress)
-    trainer = Trainer(model, optimizer, objective, contrast, train_data, val_data, ctx, loop,
-                      Precision(args.amp, args.channels_last), logger, run_dir, meta, to_batch)
-    if ckpt is not None:
-        trainer.restore(ckpt)
+            "topology": plan.topology, "num_classes": info.num_classes}
+    trainer = Trainer(model, optimizer, objective, contrast, train_data, val_data, ctx, loop_config(args),
+                      Precision(args.amp, args.channels_last), logger, plan.run_dir, meta, to_batch)
+    if plan.ckpt is not None:
+        trainer.restore(plan.ckpt)
     if ctx.is_main:
         logger.write_config(config)
-        logger.text(start_line(args, cohort, info, len(val_data.dataset), ctx, run_dir, resume_path, trainer))
+        banks = ""
+        if contrast is not None:
+            size = args.number_net * info.n_data * args.feat_dim * 4 / 2 ** 20
+            banks = f"; memory banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB)"
+        logger.text(f"{start_description(cohort, args.image_size, ctx, plan.run_dir, plan, trainer)}; "
+                    f"{info.num_classes} classes, {info.n_data} train / {len(val_data.dataset)} val images{banks}")
     return trainer.fit()
-
-
-def start_line(args: argparse.Namespace, cohort, info: TrainSetInfo, n_val: int, ctx: du.DistContext,
-               run_dir: str, resume_path: Optional[str], trainer: Trainer) -> str:
-    """One line describing the run about to start."""
-    n_params, desc = cohort_description(cohort)
-    madds = models.count_multiply_adds(cohort.eval(), (1, 3, args.image_size, args.image_size)) / 1e9
-    where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
-    banks = ""
-    if trainer.contrast is not None:
-        size = args.number_net * info.n_data * args.feat_dim * 4 / 2 ** 20
-        banks = f"; memory banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB)"
-    start = (f"resuming {resume_path} at epoch {trainer.state.epoch + 1} step {trainer.state.step}"
-             if resume_path is not None else "starting")
-    return (f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per {args.image_size}px image; "
-            f"{info.num_classes} classes, {info.n_data} train / {n_val} val images{banks}; {where}; "
-            f"run directory {run_dir}; {start}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Set-up shared by the supervised entry scripts: checks, run directory, resume, optimizer."""
 import os
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -113,3 +114,91 @@ def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
         return body(ctx)
     finally:
         du.cleanup()
+
+
+@dataclass
+class RunPlan:
+    """Where a supervised run lives and what it resumes from."""
+
+    topology: str
+    run_dir: str
+    resume_path: Optional[str] = None
+    ckpt: Optional[Dict[str, Any]] = None
+    already_finished: bool = False
+
+
+def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
+    """The steps both supervised scripts take before building data and models.
+
+    Checks precision and device, seeds, resolves the topology and the run directory,
+    and loads the checkpoint to resume (checked against the flags).
+    """
+    from models.cohort import parse_arch_names, resolve_topology
+    from utils.checkpoint import seed_everything
+    from utils.engine import validate_precision
+    from utils.logging import ensure_writable_dir
+
+    validate_precision(args.amp, ctx.device)
+    configure_determinism(args.deterministic, ctx.device)
+    seed_everything(args.manual_seed)
+    topology = resolve_topology(args.cohort, parse_arch_names(args.arch, args.number_net))
+    run_name = args.run_name or default_run_name(args.dataset, args.arch, args.number_net, topology, args.alpha,
+                                                 args.gamma, args.beta, args.lam, args.logit_distill,
+                                                 args.manual_seed)
+    plan = RunPlan(topology, os.path.join(args.checkpoint_dir, run_name))
+    if args.evaluate:
+        return plan
+    if ctx.is_main:
+        ensure_writable_dir(plan.run_dir)
+    plan.resume_path = resolve_resume(args.resume, args.resume_checkpoint, plan.run_dir)
+    if plan.resume_path is not None:
+        plan.ckpt = load_for_run(plan.resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
+        if plan.ckpt.get("finished"):
+            plan.already_finished = True
+            if ctx.is_main:
+                print(f"{plan.resume_path}: this run already finished all {plan.ckpt['config']['epochs']} epochs; "
+                      "nothing to do")
+    return plan
+
+
+def check_resume_classes(plan: RunPlan, num_classes: int, data_description: str) -> None:
+    if plan.ckpt is not None and plan.ckpt["num_classes"] != num_classes:
+        raise ConfigError(f"{plan.resume_path} was trained for {plan.ckpt['num_classes']} classes but "
+                          f"{data_description} has {num_classes}")
+
+
+def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, device: torch.device):
+    """(cohort, cohort with heads on ``device``, SGD) from the flags, seeded by --manual_seed."""
+    from models import build_cohort
+    from losses.mcl import build_projection_heads
+    from utils.checkpoint import seed_everything
+    from utils.engine import CohortWithHeads
+
+    seed_everything(args.manual_seed)
+    cohort = build_cohort(args.arch, args.number_net, num_classes, args.cohort)
+    heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if uses_contrast else None
+    model = CohortWithHeads(cohort, heads).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return cohort, model, build_sgd(model.parameters(), args.init_lr, args.weight_decay)
+
+
+def loop_config(args: Any):
+    from utils.engine import LoopConfig
+
+    return LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
+                      save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
+                      max_eval_batches=args.max_eval_batches, progress=not args.no_progress)
+
+
+def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan, trainer: Any) -> str:
+    """The start of the line a run prints first: cohort, size, where, resume point."""
+    from models import count_multiply_adds
+
+    n_params, desc = cohort_description(cohort)
+    madds = count_multiply_adds(cohort.eval(), (1, 3, input_size, input_size)) / 1e9
+    where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
+    start = (f"resuming {plan.resume_path} at epoch {trainer.state.epoch + 1} step {trainer.state.step}"
+             if plan.ckpt is not None else "starting")
+    return (f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per {input_size}px image; "
+            f"{where}; run directory {run_dir}; {start}")
