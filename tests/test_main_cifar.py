@@ -125,3 +125,31 @@ def test_gathered_contrast_gradient_matches_one_process():
     from tests.ddp_grad_check import run_check
 
     run_check()
+
+
+@pytest.mark.parametrize("number_net", [2, 3], ids=["independent", "branched"])
+def test_exported_network_gives_the_cohort_logits(tmp_path, number_net):
+    """A short real run, then scripts/export.py: the exported net alone equals its place in the cohort."""
+    import models
+    from utils.results import export_network
+
+    run = train(tmp_path, "--arch", "resnet32", "--number-net", str(number_net), *MCL)
+    ckpt = load_checkpoint(str(run / "best.pth.tar"))
+    cohort = models.build_cohort("resnet32", number_net, ckpt["num_classes"], ckpt["topology"])
+    cohort.load_state_dict(ckpt["model"])
+    cohort.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        cohort_logits, _ = cohort(x)
+    out = tmp_path / "net.pth"
+    script = subprocess.run([sys.executable, "scripts/export.py", str(run), "--net-index", "1", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert script.returncode == 0, script.stderr
+    payload = torch.load(out, weights_only=False)
+    net = models.get_model(payload["arch"], payload["num_classes"])
+    net.load_state_dict(payload["state_dict"])
+    with torch.no_grad():
+        logits, _ = net.eval()(x)
+    assert torch.equal(logits, cohort_logits[1])
+    best, _ = export_network(str(run))  # without --net-index: the best network of the best epoch
+    assert best["net_index"] in range(number_net)
