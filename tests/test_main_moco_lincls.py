@@ -20,7 +20,9 @@ from PIL import Image
 import main_lincls
 import main_moco_mcl
 from data.moco_aug import ShuffledBatchSampler
+from models import pretrained
 from models.moco import MoCoMCL, pooled_features
+from utils import knn, lincls
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from main_moco_mcl import GracefulStop
@@ -139,14 +141,14 @@ def test_moco_keys_load_for_every_net_index():
             "model": moco.state_dict()}
     x = torch.randn(2, 3, 32, 32)
     for i in range(3):
-        state, arch, _ = main_lincls.backbone_state(ckpt, i, "ckpt")
+        state, arch, _ = pretrained.backbone_state(ckpt, i, "ckpt")
         assert arch == "resnet18" and not any(k.startswith("fc.") for k in state)
-        clf = main_lincls.build_classifier(arch, 5)
-        main_lincls.load_backbone(clf, state, "ckpt")
+        clf = lincls.build_classifier(arch, 5)
+        pretrained.load_backbone(clf, state, "ckpt")
         assert _features_equal(pooled_features(moco.encoders_q[i], x), clf, x)
         assert clf.fc.bias.abs().sum() == 0 and clf.fc.weight.std() < 0.05
     with pytest.raises(ConfigError):
-        main_lincls.backbone_state(ckpt, 3, "ckpt")
+        pretrained.backbone_state(ckpt, 3, "ckpt")
 
 
 def test_original_code_checkpoint_keys():
@@ -158,9 +160,9 @@ def test_original_code_checkpoint_keys():
     ckpt = {"epoch": 200, "arch": "resnet18", "state_dict": state}
     x = torch.randn(2, 3, 32, 32)
     for i in range(2):
-        backbone, arch, _ = main_lincls.backbone_state(ckpt, i, "orig")
-        clf = main_lincls.build_classifier(arch, 4)
-        main_lincls.load_backbone(clf, backbone, "orig")
+        backbone, arch, _ = pretrained.backbone_state(ckpt, i, "orig")
+        clf = lincls.build_classifier(arch, 4)
+        pretrained.load_backbone(clf, backbone, "orig")
         assert _features_equal(pooled_features(moco.encoders_q[i], x), clf, x)
 
 
@@ -174,32 +176,32 @@ def test_supervised_cohort_keys_load_for_every_net_index(number_net, cohort):
     x = torch.randn(2, 3, 32, 32)
     _, features = net(x)
     for i in range(number_net):
-        state, arch, _ = main_lincls.backbone_state(ckpt, i, "sup")
-        clf = main_lincls.build_classifier(arch, 7)
-        main_lincls.load_backbone(clf, state, "sup")
+        state, arch, _ = pretrained.backbone_state(ckpt, i, "sup")
+        clf = lincls.build_classifier(arch, 7)
+        pretrained.load_backbone(clf, state, "sup")
         assert _features_equal(features[i], clf, x)
 
 
 def test_frozen_weight_check_catches_a_change():
-    clf = main_lincls.build_classifier("resnet18", 3)
-    reference = main_lincls.frozen_snapshot(clf)
-    trainable = main_lincls.freeze_all_but_fc(clf)
+    clf = lincls.build_classifier("resnet18", 3)
+    reference = lincls.frozen_snapshot(clf)
+    trainable = lincls.freeze_all_but_fc(clf)
     assert [p.shape for p in trainable] == [clf.fc.weight.shape, clf.fc.bias.shape]
     with torch.no_grad():
         clf.fc.weight.add_(1.0)
-    main_lincls.check_frozen_unchanged(clf, reference)  # the fc may change
+    lincls.check_frozen_unchanged(clf, reference)  # the fc may change
     clf.layer2[0].bn1.running_mean.add_(1e-3)
-    with pytest.raises(main_lincls.FrozenWeightsChanged, match="layer2.0.bn1.running_mean"):
-        main_lincls.check_frozen_unchanged(clf, reference)
+    with pytest.raises(lincls.FrozenWeightsChanged, match="layer2.0.bn1.running_mean"):
+        lincls.check_frozen_unchanged(clf, reference)
 
 
 def test_weighted_knn_votes_by_similarity():
     train = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1])
     test = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0]]), dim=1)
-    assert main_moco_mcl.weighted_knn_predict(train, labels, test, num_classes=2, k=3, t=0.1).tolist() == [0, 1]
+    assert knn.weighted_knn_predict(train, labels, test, num_classes=2, k=3, t=0.1).tolist() == [0, 1]
     # with k = 1 only the nearest neighbour votes
-    assert main_moco_mcl.weighted_knn_predict(train, labels, test[1:], num_classes=2, k=1).tolist() == [1]
+    assert knn.weighted_knn_predict(train, labels, test[1:], num_classes=2, k=1).tolist() == [1]
 
 
 def test_sampler_shards_a_seeded_permutation_and_resumes():

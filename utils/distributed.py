@@ -4,14 +4,13 @@ Two ways to start several processes:
 - ``torchrun --nproc_per_node=K script.py ...``: the environment (RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR/PORT) describes the group;
 - the original's ``--multiprocessing-distributed --dist-url URL --world-size W --rank R
-  --gpu-ids 0,1``: :func:`spawn` starts one process per listed GPU (per CPU process on a
-  machine without GPUs, see ``nprocs``) and each calls :func:`setup_distributed` with
-  explicit values.
+  --gpu-ids 0,1``: utils.launch starts one process per listed GPU and each calls
+  :func:`setup_distributed` with explicit values.
 Backend: NCCL when the device is CUDA, gloo on CPU.
 """
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -103,12 +102,6 @@ def setup_distributed(
     return DistContext(rank=rank, world_size=world_size, local_rank=max(local_rank or 0, 0), device=dev, distributed=True)
 
 
-def spawn(worker: Callable[..., None], nprocs: int, *args: Any) -> None:
-    """Start ``nprocs`` processes running ``worker(local_rank, *args)`` (the original's launch)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, nprocs=nprocs, args=args, join=True)
-
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
@@ -184,6 +177,14 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     if world_size() > 1:
         for buf in module.buffers():
             dist.broadcast(buf, src=src)
+
+
+@torch.no_grad()
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s whole state_dict (parameters and buffers) to every rank."""
+    if world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=src)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from utils.errors import CheckpointError, UserError
+from utils.state_keys import (cohort_topology, network_state_from_cohort_keys, splitnet_to_torchvision_keys,
+                              strip_ddp_prefix, take_prefix)
 
 SEED_KEYS = ("manual_seed", "seed")
 
@@ -735,7 +737,6 @@ def plot_groups(groups: Sequence[RunGroup], path: str, include_unfinished: bool 
 
 NATIVE_FORMAT = "mcl-network"
 TORCHVISION_FORMAT = "torchvision"
-DDP_PREFIX = "module."
 
 
 @dataclass
@@ -746,30 +747,6 @@ class NetChoice:
     reason: str
     epoch: Optional[int] = None
     top1: Optional[float] = None
-
-
-def strip_ddp_prefix(state: Dict[str, Any]) -> Dict[str, Any]:
-    """Drop a DataParallel/DDP "module." prefix carried by every key."""
-    if state and all(k.startswith(DDP_PREFIX) for k in state):
-        return {k[len(DDP_PREFIX):]: v for k, v in state.items()}
-    return dict(state)
-
-
-def take_prefix(state: Dict[str, Any], prefix: str, new_prefix: str = "") -> Dict[str, Any]:
-    """Entries whose key starts with ``prefix``, re-prefixed with ``new_prefix``."""
-    return {new_prefix + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def network_state_from_cohort_keys(model_state: Dict[str, Any], topology: str, index: int) -> Dict[str, Any]:
-    """SplitNet state_dict of network ``index`` by key mapping alone (no model code).
-
-    independent: "nets.{k}.X" -> "X"; branched: "stem.X" -> "stem.X" and
-    "branches.{k}.X" -> "branch.X".
-    """
-    if topology == "branched":
-        return {**take_prefix(model_state, "stem.", "stem."),
-                **take_prefix(model_state, f"branches.{index}.", "branch.")}
-    return take_prefix(model_state, f"nets.{index}.")
 
 
 def resolve_checkpoint(path: str, which: str = "best") -> Tuple[str, List[str]]:
@@ -931,11 +908,6 @@ def extract_network(ckpt: Dict[str, Any], index: int) -> Tuple[str, Dict[str, An
     return arch, state, notes
 
 
-def cohort_topology(model_state: Dict[str, Any]) -> str:
-    """"branched" when the keys show a shared stem and branches, else "independent"."""
-    return "branched" if any(k.startswith("branches.") for k in model_state) else "independent"
-
-
 def classifier_name(module: Any) -> str:
     """Qualified name of the last nn.Linear of ``module`` (its classifier)."""
     import torch.nn as nn
@@ -969,7 +941,7 @@ def torchvision_state(arch: str, num_classes: int, state: Dict[str, Any]) -> Dic
                 f"--torchvision needs an ImageNet ResNet (resnet18, resnet34) or a torchvision model; {arch} is a "
                 "CIFAR network of this project: export without --torchvision and load it with models.get_model"
             )
-        return {**take_prefix(state, "stem."), **take_prefix(state, "branch.")}
+        return splitnet_to_torchvision_keys(state)
     reference = on_meta(torchvision.models.get_model, arch, weights=None, num_classes=num_classes)
     return {**take_prefix(state, "stem.model."), **take_prefix(state, "branch.fc.", classifier_name(reference) + ".")}
 

@@ -1,0 +1,166 @@
+"""Starting the processes of main_moco_mcl.py and main_lincls.py (the original's launch).
+
+Three ways: the original's ``--multiprocessing-distributed`` (one spawned process per
+GPU of ``--gpu-ids``, or per visible GPU), ``torchrun`` (the environment describes the
+group), or one process (CPU or one GPU). :func:`launch` runs
+``worker(local_rank, args, nprocs)`` in every process and returns the exit code; the
+worker calls :func:`setup_process` to join the group and pick its device.
+"""
+import argparse
+import os
+import signal
+import sys
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.multiprocessing as mp
+
+from utils import distributed as du
+from utils.engine import StopRequest
+from utils.errors import ConfigError, UserError
+
+Worker = Callable[[int, argparse.Namespace, int], Optional[int]]
+
+
+# ----------------------------------------------------------------------------- one process
+
+def processes_per_node(args: argparse.Namespace) -> int:
+    """--multiprocessing-distributed: one process per listed (or visible) GPU; 1 otherwise."""
+    if not args.multiprocessing_distributed:
+        return 1
+    ids = du.parse_gpu_ids(args.gpu_ids)
+    if ids:
+        return len(ids)
+    count = torch.cuda.device_count() if args.device != "cpu" else 0
+    return max(count, 1)
+
+
+def setup_process(args: argparse.Namespace, local_rank: int, nprocs: int) -> du.DistContext:
+    """Join the process group the flags (or torchrun) describe; pick the device."""
+    if args.multiprocessing_distributed:
+        nodes = max(args.world_size, 1)
+        node_rank = max(args.rank, 0)
+        return du.setup_distributed(args.device, args.gpu_ids, args.dist_backend, args.dist_url,
+                                    world_size=nodes * nprocs, rank=node_rank * nprocs + local_rank,
+                                    local_rank=local_rank)
+    gpu_ids = str(args.gpu) if args.gpu is not None else args.gpu_ids
+    rank = args.rank
+    if args.dist_url == "env://" and rank == -1:
+        rank = int(os.environ.get("RANK", "0"))
+    # One process per node here (torchrun's LOCAL_RANK, if any, takes precedence).
+    return du.setup_distributed(args.device, gpu_ids, args.dist_backend, args.dist_url, args.world_size, rank,
+                                local_rank=0)
+
+
+def processes_on_this_node(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
+    """How many processes share this node's --batch-size and --workers."""
+    if not ctx.distributed:
+        return 1
+    if args.multiprocessing_distributed:
+        return nprocs
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+
+
+def limit_cpu_threads(ctx: du.DistContext, node_procs: int) -> None:
+    """Several CPU processes on one node share its cores instead of oversubscribing them."""
+    if ctx.device.type == "cpu" and node_procs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // node_procs))
+
+
+def per_process(total: int, nprocs: int, flag: str) -> int:
+    """This process's share of a per-node total (``flag`` names it in the error)."""
+    if total < nprocs:
+        raise ConfigError(f"{flag} {total} is smaller than the {nprocs} processes of this node; raise it")
+    return total // nprocs
+
+
+def node_share(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> Tuple[int, int]:
+    """(batch, workers) of this process: --batch-size and --workers split over the node's processes.
+
+    Also limits the CPU threads of each process when several share the node.
+    """
+    node_procs = processes_on_this_node(args, ctx, nprocs)
+    limit_cpu_threads(ctx, node_procs)
+    batch = per_process(args.batch_size, node_procs, "--batch-size")
+    workers = (args.workers + node_procs - 1) // node_procs
+    return batch, workers
+
+
+class GracefulStop(StopRequest):
+    """StopRequest that keeps the first signal's name: a SIGTERM forwarded by the launcher
+    after a terminal Ctrl-C does not turn the SIGINT (exit 130) into a SIGTERM (exit 0)."""
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM and self.signum is not None:
+            return
+        super()._handle(signum, frame)
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def _worker_entry(local_rank: int, worker: Worker, args: argparse.Namespace, nprocs: int, codes) -> None:
+    """Body of a spawned process: exit codes go through ``codes``; user errors are one line."""
+    try:
+        codes[local_rank] = worker(local_rank, args, nprocs) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        codes[local_rank] = err.exit_code
+        sys.exit(err.exit_code)
+
+
+def launch(worker: Worker, args: argparse.Namespace) -> int:
+    """Run ``worker(local_rank, args, nprocs)`` in this process or in one spawned process per GPU.
+
+    Returns the exit code (the largest of the workers'). A SIGTERM or SIGINT that reaches
+    this parent process is passed on to the workers as SIGTERM: they finish their step,
+    rank 0 saves, and the parent exits 130 after SIGINT, 0 after SIGTERM. (A Ctrl-C in a
+    terminal reaches the workers directly too; Python runs their SIGINT handler first, so
+    the forwarded SIGTERM does not count as a second Ctrl-C.)
+    """
+    nprocs = processes_per_node(args)
+    if nprocs == 1 and not args.multiprocessing_distributed:
+        return worker(0, args, 1) or 0
+    codes = mp.get_context("spawn").Array("i", [0] * nprocs)
+    context = mp.start_processes(_worker_entry, args=(worker, args, nprocs, codes), nprocs=nprocs,
+                                 join=False, start_method="spawn")
+    received: List[int] = []
+
+    def forward(signum, _frame):
+        received.append(signum)
+        for proc in context.processes:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        return max(err.exit_code if err.exit_code and err.exit_code > 0 else 1, max(codes[:]))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = max(codes[:])
+    return 130 if signal.SIGINT in received and code == 0 else code
+
+
+def run_in_group(body: Callable[[argparse.Namespace, du.DistContext, int], int]) -> Worker:
+    """A worker that joins the group, runs ``body(args, ctx, nprocs)`` and always leaves the group.
+
+    ``body`` must be a module-level function (spawned processes pickle the worker).
+    """
+    return _GroupWorker(body)
+
+
+class _GroupWorker:
+    """Picklable worker (a closure is not) for :func:`run_in_group`."""
+
+    def __init__(self, body: Callable[[argparse.Namespace, du.DistContext, int], int]) -> None:
+        self.body = body
+
+    def __call__(self, local_rank: int, args: argparse.Namespace, nprocs: int) -> int:
+        ctx = setup_process(args, local_rank, nprocs)
+        try:
+            return self.body(args, ctx, nprocs)
+        finally:
+            du.cleanup()
