@@ -5,8 +5,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import torch
-
 # The suite's models are tiny: one intra-op thread is faster than two on a shared
-# 2-core machine, and it keeps results independent of the machine's core count.
+# 2-core machine (two busy-waiting OpenMP threads per process thrash when several
+# processes run), and it keeps results independent of the machine's core count.
+# Subprocesses the tests start inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
+
 torch.set_num_threads(1)
