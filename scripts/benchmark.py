@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import sys
 import time
@@ -257,6 +258,7 @@ def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace,
         results[mode] = {
             "images_per_s": statistics.median(per_round),
             "images_per_s_rounds": [round(v, 2) for v in per_round],
+            "images_per_s_best": max(per_round),
             "s_per_step": statistics.median(wall / args.steps for wall, _ in timings),
             "data_s_per_step": statistics.median(d / args.steps for _, d in timings),
             "peak_memory_mb": round(memory[mode], 1),
@@ -291,9 +293,9 @@ def cpu_flags() -> List[str]:
     return []
 
 
-def environment(device: torch.device) -> Dict[str, Any]:
+def environment(device: torch.device, argv: List[str]) -> Dict[str, Any]:
     env = {
-        "command": " ".join(["python"] + [os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else ""] + sys.argv[1:]),
+        "command": shlex.join(["python", "scripts/benchmark.py"] + argv),
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
@@ -317,6 +319,7 @@ def parse_modes(text: str) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     modes = parse_modes(args.modes)
     if args.threads:
@@ -339,8 +342,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary: Dict[str, Any] = {"summary": True, **common, "steps": args.steps, "warmup": args.warmup,
                                "repeats": args.repeats, "dataset": args.dataset}
     if "reference" in results and "fast" in results:
-        summary["ratio_fast_over_reference"] = results["fast"]["images_per_s"] / results["reference"]["images_per_s"]
-    summary.update(environment(device), load_avg_before=load_before)
+        fast, ref = results["fast"], results["reference"]
+        summary["ratio_fast_over_reference"] = fast["images_per_s"] / ref["images_per_s"]
+        # Each fast round against the reference round just before it: robust to slow load drifts.
+        summary["ratio_paired_median"] = statistics.median(
+            f / r for f, r in zip(fast["images_per_s_rounds"], ref["images_per_s_rounds"]))
+        summary["ratio_best_over_best"] = fast["images_per_s_best"] / ref["images_per_s_best"]
+    summary.update(environment(device, argv), load_avg_before=load_before)
     print(json.dumps(summary), flush=True)
     return 0
 

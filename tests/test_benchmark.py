@@ -1,0 +1,59 @@
+"""scripts/benchmark.py on a tiny configuration: it runs both modes and prints well-formed JSON (no timing asserts)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--batch-size", "16", "--synthetic-size", "320",
+        "--device", "cpu", "--threads", "1"]
+MODE_KEYS = {"mode", "arch", "number_net", "topology", "batch_size", "images_per_s", "images_per_s_rounds",
+             "s_per_step", "data_s_per_step", "peak_memory_mb", "memory_measure", "torch", "device", "threads"}
+SUMMARY_KEYS = {"summary", "ratio_fast_over_reference", "command", "cpu", "cores", "torch", "torchvision",
+                "python", "load_avg_before", "steps", "warmup", "repeats"}
+
+
+def run_benchmark(*extra):
+    out = subprocess.run([sys.executable, "scripts/benchmark.py", *TINY, *extra], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_benchmark_prints_one_line_per_mode_and_a_ratio():
+    lines = run_benchmark("--arch", "resnet32", "--number-net", "2")
+    assert [line.get("mode") for line in lines[:2]] == ["reference", "fast"]
+    for line in lines[:2]:
+        assert MODE_KEYS <= set(line), MODE_KEYS - set(line)
+        assert line["images_per_s"] > 0 and line["s_per_step"] > 0 and line["data_s_per_step"] >= 0
+        assert line["peak_memory_mb"] > 0 and line["device"] == "cpu" and line["threads"] == 1
+        assert line["arch"] == "resnet32" and line["number_net"] == 2 and line["topology"] == "independent"
+        assert len(line["images_per_s_rounds"]) == 1
+    summary = lines[2]
+    assert len(lines) == 3 and summary["summary"] is True
+    assert SUMMARY_KEYS <= set(summary), SUMMARY_KEYS - set(summary)
+    ratio = lines[1]["images_per_s"] / lines[0]["images_per_s"]
+    assert abs(summary["ratio_fast_over_reference"] - ratio) < 1e-9
+    assert summary["command"].startswith("python scripts/benchmark.py")
+
+
+def load_benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_one_mode_of_a_branched_cohort(capsys):
+    threads = torch.get_num_threads()
+    try:
+        assert load_benchmark_module().main(TINY + ["--arch", "resnet32", "--number-net", "3", "--modes", "fast"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.get("mode") for line in lines] == ["fast", None]
+    assert lines[0]["topology"] == "branched"
+    assert "ratio_fast_over_reference" not in lines[1]
