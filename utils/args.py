@@ -101,4 +101,6 @@ def add_common_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bitwise-exact resume on CPU), slower on GPU")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
     return g

@@ -403,8 +403,9 @@ class Trainer:
             s.step += 1
             self._steps_this_process += 1
             if bar is not None:
-                acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)
-                bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
+                if s.step % 10 == 0 or s.step == total:  # reading the counts waits for the GPU
+                    acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)
+                    bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
                 bar.update(1)
             if self._debug_signal is not None and self._steps_this_process == self._debug_signal[0]:
                 os.kill(os.getpid(), self._debug_signal[1])

@@ -1,5 +1,5 @@
 """Accuracy counting and running averages."""
-from typing import Dict, Iterable, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -40,24 +40,41 @@ class SumMeter:
 
 
 class AccuracyCounter:
-    """Top-1/top-5 hit counts for several heads (networks, ensemble)."""
+    """Top-1/top-5 hit counts for several heads (networks, ensemble).
+
+    Counts accumulate as one tensor on the logits' device, so a training step does
+    not wait for the GPU; reading ``top1``/``top5`` (epoch end, checkpoint, progress
+    bar) copies them to the host.
+    """
 
     def __init__(self, num_heads: int) -> None:
-        self.top1 = [0] * num_heads
-        self.top5 = [0] * num_heads
+        self.num_heads = num_heads
+        self._counts: Optional[torch.Tensor] = None  # (2, num_heads): top-1 row, top-5 row
         self.total = 0
 
-    def update(self, logits_list: Iterable[torch.Tensor], targets: torch.Tensor) -> None:
-        for i, logits in enumerate(logits_list):
-            c1, c5 = topk_correct(logits, targets, (1, 5))
-            self.top1[i] += c1
-            self.top5[i] += c5
+    @torch.no_grad()
+    def update(self, logits_list: Sequence[torch.Tensor], targets: torch.Tensor) -> None:
+        hits = []
+        for logits in logits_list:
+            k = min(5, logits.size(1))
+            hit = logits.topk(k, dim=1).indices.eq(targets.view(-1, 1))
+            hits.append(torch.stack([hit[:, :1].any(dim=1).sum(), hit.any(dim=1).sum()]))
+        counts = torch.stack(hits, dim=1)
+        self._counts = counts if self._counts is None else self._counts.to(counts.device) + counts
         self.total += int(targets.size(0))
 
-    def add_counts(self, top1: List[int], top5: List[int], total: int) -> None:
-        self.top1 = [a + b for a, b in zip(self.top1, top1)]
-        self.top5 = [a + b for a, b in zip(self.top5, top5)]
-        self.total += total
+    def _row(self, row: int) -> List[int]:
+        if self._counts is None:
+            return [0] * self.num_heads
+        return [int(v) for v in self._counts[row].tolist()]
+
+    @property
+    def top1(self) -> List[int]:
+        return self._row(0)
+
+    @property
+    def top5(self) -> List[int]:
+        return self._row(1)
 
     def percents(self) -> Dict[str, List[float]]:
         denom = max(self.total, 1)
@@ -67,7 +84,9 @@ class AccuracyCounter:
         }
 
     def state_dict(self) -> dict:
-        return {"top1": list(self.top1), "top5": list(self.top5), "total": self.total}
+        return {"top1": self.top1, "top5": self.top5, "total": self.total}
 
     def load_state_dict(self, state: dict) -> None:
-        self.top1, self.top5, self.total = list(state["top1"]), list(state["top5"]), int(state["total"])
+        self._counts = torch.tensor([list(state["top1"]), list(state["top5"])], dtype=torch.long)
+        self.num_heads = len(state["top1"])
+        self.total = int(state["total"])

@@ -139,6 +139,8 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     from utils.logging import ensure_writable_dir
 
     validate_precision(args.amp, ctx.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     configure_determinism(args.deterministic, ctx.device)
     seed_everything(args.manual_seed)
     topology = resolve_topology(args.cohort, parse_arch_names(args.arch, args.number_net))
