@@ -52,6 +52,7 @@ def _worker(rank, init_file, out_file):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     if rank == 0:
         torch.save(grads, out_file)
+    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down first
     dist.destroy_process_group()
 
 

@@ -103,8 +103,12 @@ def setup_distributed(
 
 
 
-def cleanup() -> None:
+def cleanup(wait_for_all: bool = False) -> None:
+    """Leave the process group; ``wait_for_all`` first waits for every rank (after a
+    normal end), since gloo may abort a rank whose peer tears the group down first."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

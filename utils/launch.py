@@ -161,6 +161,9 @@ class _GroupWorker:
     def __call__(self, local_rank: int, args: argparse.Namespace, nprocs: int) -> int:
         ctx = setup_process(args, local_rank, nprocs)
         try:
-            return self.body(args, ctx, nprocs)
-        finally:
-            du.cleanup()
+            code = self.body(args, ctx, nprocs)
+        except BaseException:
+            du.cleanup()  # no barrier: the other ranks may never reach it
+            raise
+        du.cleanup(wait_for_all=True)
+        return code

@@ -111,9 +111,12 @@ def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
     ctx = du.setup_distributed(device=device)
     try:
-        return body(ctx)
-    finally:
-        du.cleanup()
+        code = body(ctx)
+    except BaseException:
+        du.cleanup()  # no barrier: the other ranks may never reach it
+        raise
+    du.cleanup(wait_for_all=True)
+    return code
 
 
 @dataclass
