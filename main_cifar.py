@@ -6,7 +6,6 @@ trains MCL(x2) on CIFAR-100 as the paper did. Several processes:
 ``torchrun --nproc_per_node=K main_cifar.py ...`` (--batch-size stays the global batch).
 """
 import argparse
-import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -15,7 +14,7 @@ import torch
 from data.pipeline import DATASETS, build_cifar_loaders, load_arrays
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.engine import Batch, Objective, Precision, Trainer
@@ -104,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     plan = plan_supervised_run(args, ctx)
     if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(plan.run_dir, "best.pth.tar"))
+        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
         return 0
     data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes)

@@ -7,7 +7,6 @@ trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did. Several processe
 the memory banks are kept identical on every process).
 """
 import argparse
-import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -16,7 +15,7 @@ import torch
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
-from utils.checkpoint import load_checkpoint
+from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
 from utils.engine import Batch, Objective, Precision, Trainer
@@ -141,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     plan = plan_supervised_run(args, ctx)
     if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or os.path.join(plan.run_dir, "best.pth.tar"))
+        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
         return 0
     objective = build_objective(args)

@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from data.samplers import MPerClassBatchSampler, rank_slice
+from data.samplers import ForwardsSamplerState, MPerClassBatchSampler, rank_slice
 
 AugmentedIndex = tuple[int, int, int, bool]  # (dataset index, dy, dx, flip)
 
@@ -109,7 +109,7 @@ class CifarTestDataset(torch.utils.data.Dataset):
         return _normalize_tensor(image, self.mean, self.std), int(self.labels[index])
 
 
-class AugmentedBatchSampler:
+class AugmentedBatchSampler(ForwardsSamplerState):
     """Wraps an MPerClassBatchSampler; yields lists of (index, dy, dx, flip) for CifarTrainDataset.
 
     The parameters are drawn for the global batch and sliced like the indices, so an
@@ -145,17 +145,6 @@ class AugmentedBatchSampler:
     def epoch(self) -> int:
         return self.batch_sampler.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
-
-    def set_start_batch(self, start_batch: int) -> None:
-        self.batch_sampler.set_start_batch(start_batch)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)
 
 
 def reference_cifar_transforms(mean: Sequence[float], std: Sequence[float]) -> transforms.Compose:

@@ -11,9 +11,11 @@ torchvision's v2 ``GaussianBlur`` with a kernel of 2*ceil(3*sigma_max)+1 = 13
 pixels, which holds the Gaussian out to three standard deviations.
 """
 import math
+import os
 from typing import Callable, List, Tuple
 
 import torch
+from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,12 +94,8 @@ def center_crop_transform(image_size: int = 224, resize_ratio: float = 256 / 224
 
 # ----------------------------------------------------------------------------- loading
 
-def image_folder(root: str, split: str, transform: Callable) -> "torchvision.datasets.ImageFolder":
+def image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
     """``root/split`` as an ImageFolder; DatasetError when it is missing or empty."""
-    import os
-
-    from torchvision.datasets import ImageFolder
-
     from utils.errors import DatasetError
 
     path = os.path.join(root, split)

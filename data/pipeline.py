@@ -13,7 +13,7 @@ import torch
 
 from data.augment import AugmentedBatchSampler, CifarTestDataset, CifarTrainDataset
 from data.cifar import DATASET_STATS, load_cifar, num_classes as cifar_num_classes
-from data.samplers import MPerClassBatchSampler, ShardedEvalSampler
+from data.samplers import ForwardsSamplerState, MPerClassBatchSampler, ShardedEvalSampler
 from data.synthetic import SYNTHETIC_STATS, make_synthetic
 from data.tensor_loader import TensorBatchLoader
 from utils.errors import ConfigError
@@ -80,21 +80,15 @@ def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_bat
     return _SamplerControlledLoader(train_loader, batches), test_loader
 
 
-class _SamplerControlledLoader:
+class _SamplerControlledLoader(ForwardsSamplerState):
     """A DataLoader whose epoch and start batch are set through its batch sampler."""
 
     def __init__(self, loader: torch.utils.data.DataLoader, batches: AugmentedBatchSampler) -> None:
         self.loader = loader
-        self.batches = batches
+        self.batch_sampler = batches
 
     def __iter__(self):
         return iter(self.loader)
 
     def __len__(self) -> int:
-        return len(self.batches)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.batches.set_epoch(epoch)
-
-    def set_start_batch(self, start_batch: int) -> None:
-        self.batches.set_start_batch(start_batch)
+        return len(self.batch_sampler)

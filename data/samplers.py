@@ -55,6 +55,24 @@ def _choose_positions(rng: np.random.Generator, n: np.ndarray, m: int) -> np.nda
     return out
 
 
+class ForwardsSamplerState:
+    """Passes the resume controls to the wrapped ``self.batch_sampler`` (an MPerClassBatchSampler)."""
+
+    batch_sampler: "MPerClassBatchSampler"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.batch_sampler.set_epoch(epoch)
+
+    def set_start_batch(self, start_batch: int) -> None:
+        self.batch_sampler.set_start_batch(start_batch)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
 class MPerClassBatchSampler:
     """Yields, per global batch, this rank's list of dataset indices.
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from data.augment import augment_batch, augment_params, normalize_batch
-from data.samplers import MPerClassBatchSampler, ShardedEvalSampler, rank_slice
+from data.samplers import ForwardsSamplerState, MPerClassBatchSampler, ShardedEvalSampler, rank_slice
 
 
 def _images_on_device(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -29,7 +29,7 @@ def _images_on_device(images: np.ndarray | torch.Tensor, device: torch.device) -
     return tensor.to(device, non_blocking=True)
 
 
-class TensorBatchLoader:
+class TensorBatchLoader(ForwardsSamplerState):
     """Iterates (inputs (b, 3, H, W) out_dtype, targets (b,) int64), both on `device`.
 
     train=True: batch_sampler is an MPerClassBatchSampler; crops and flips come from
@@ -114,18 +114,3 @@ class TensorBatchLoader:
                 self.images[index], self.mean, self.std, self.out_dtype, self.channels_last
             )
             yield inputs, self.labels[index]
-
-    # ---- state forwarding (train sampler) ----------------------------------------------------
-
-    def set_epoch(self, epoch: int) -> None:
-        if hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(epoch)
-
-    def set_start_batch(self, start_batch: int) -> None:
-        self.batch_sampler.set_start_batch(start_batch)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.batch_sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.load_state_dict(state)

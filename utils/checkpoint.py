@@ -20,6 +20,16 @@ CHECKPOINT_FORMAT = "mcl-checkpoint"
 CHECKPOINT_VERSION = 1
 
 
+def latest_checkpoint_path(run_dir: str) -> str:
+    """The run directory's rolling checkpoint, the one --resume continues."""
+    return os.path.join(run_dir, "checkpoint.pth.tar")
+
+
+def best_checkpoint_path(run_dir: str) -> str:
+    """The checkpoint of the run's best epoch (best single-network test top-1)."""
+    return os.path.join(run_dir, "best.pth.tar")
+
+
 def _fsync_dir(directory: str) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)

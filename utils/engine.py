@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from losses.ensemble import ensemble_distill_loss, ensemble_logits
 from losses.mcl import MCLLosses
 from utils import distributed as du
-from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, capture_rng_state,
-                              restore_rng_state)
+from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, best_checkpoint_path,
+                              capture_rng_state, latest_checkpoint_path, restore_rng_state)
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.metrics import AccuracyCounter, SumMeter
@@ -292,11 +292,11 @@ class Trainer:
     # ----- checkpoints -------------------------------------------------------
     @property
     def latest_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint.pth.tar")
+        return latest_checkpoint_path(self.run_dir)
 
     @property
     def best_path(self) -> str:
-        return os.path.join(self.run_dir, "best.pth.tar")
+        return best_checkpoint_path(self.run_dir)
 
     def checkpoint(self, include_contrast: bool = True) -> Dict[str, Any]:
         """Everything needed to continue; ``include_contrast=False`` leaves out memory

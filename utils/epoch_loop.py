@@ -6,7 +6,6 @@ A subclass gives the step (:meth:`EpochLoop.train_step`), the progress line, wha
 epoch's end records, the summary, and the ``meters``/``extra`` parts of its checkpoint.
 """
 import itertools
-import os
 import signal
 import sys
 import time
@@ -16,7 +15,8 @@ import torch
 import torch.nn as nn
 
 from utils import distributed as du
-from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, capture_rng_state,
+from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, best_checkpoint_path,
+                              capture_rng_state, latest_checkpoint_path,
                               restore_rng_state, seed_everything)
 from utils.engine import RunState, StopRequest, reduce_accuracy
 from utils.errors import ConfigError
@@ -96,11 +96,11 @@ class EpochLoop:
     # ----- checkpoints ----------------------------------------------------------
     @property
     def latest_path(self) -> str:
-        return os.path.join(self.run_dir, "checkpoint.pth.tar")
+        return latest_checkpoint_path(self.run_dir)
 
     @property
     def best_path(self) -> str:
-        return os.path.join(self.run_dir, "best.pth.tar")
+        return best_checkpoint_path(self.run_dir)
 
     def meters_state(self) -> Dict[str, Any]:
         """The running meters of the epoch in progress (the checkpoint's "meters")."""

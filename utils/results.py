@@ -760,8 +760,10 @@ def resolve_checkpoint(path: str, which: str = "best") -> Tuple[str, List[str]]:
         return path, []
     if not os.path.isdir(path):
         raise UserError(f"no such run directory or checkpoint: {path}")
-    best = os.path.join(path, "best.pth.tar")
-    latest = os.path.join(path, "checkpoint.pth.tar")
+    from utils.checkpoint import best_checkpoint_path, latest_checkpoint_path
+
+    best = best_checkpoint_path(path)
+    latest = latest_checkpoint_path(path)
     if which == "best" and os.path.isfile(best):
         return best, []
     if os.path.isfile(latest):

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import check_compatible, load_checkpoint
+from utils.checkpoint import check_compatible, latest_checkpoint_path, load_checkpoint
 from utils.errors import CheckpointError, ConfigError
 
 
@@ -45,7 +45,7 @@ def resolve_resume(resume: Optional[str], resume_checkpoint: Optional[str], run_
         return resume
     if resume_checkpoint:
         return resume_checkpoint
-    latest = os.path.join(run_dir, "checkpoint.pth.tar")
+    latest = latest_checkpoint_path(run_dir)
     return latest if os.path.exists(latest) else None
 
 
