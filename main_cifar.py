@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.pipeline import DATASETS, build_cifar_loaders, load_arrays
+from data.pipeline import DATASETS, build_cifar_eval_loader, build_cifar_loaders, load_arrays
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
@@ -87,10 +87,9 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
                           f"has {data.num_classes}")
     eval_bs = args.eval_batch_size or 2 * args.batch_size
-    _, test = build_cifar_loaders(data, path=args.data_path, batch_size=args.m_per_class, eval_batch_size=eval_bs,
-                                  m_per_class=args.m_per_class, visit_all=False, seed=args.manual_seed,
-                                  rank=ctx.rank, world_size=ctx.world_size, device=ctx.device,
-                                  num_workers=args.num_workers, channels_last=args.channels_last)
+    test = build_cifar_eval_loader(data, path=args.data_path, eval_batch_size=eval_bs, rank=ctx.rank,
+                                   world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
+                                   channels_last=args.channels_last)
     return evaluate_saved_cohort(ckpt, path, test, ctx.device, Precision(args.amp, args.channels_last), to_batch,
                                  args.max_eval_batches, f"{args.dataset} test images", ctx.is_main)
 

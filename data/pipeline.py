@@ -59,25 +59,33 @@ def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_bat
     """
     sampler = MPerClassBatchSampler(data.train_labels, m_per_class, batch_size, seed=seed,
                                     rank=rank, world_size=world_size, visit_all=visit_all)
+    test = build_cifar_eval_loader(data, path=path, eval_batch_size=eval_batch_size, rank=rank,
+                                   world_size=world_size, device=device, num_workers=num_workers,
+                                   channels_last=channels_last)
     if path == "tensor":
         train = TensorBatchLoader(data.train_images, data.train_labels, sampler, device, data.mean, data.std,
                                   train=True, seed=seed, channels_last=channels_last)
-        test = TensorBatchLoader.for_eval(data.test_images, data.test_labels, eval_batch_size, device,
-                                          data.mean, data.std, rank=rank, world_size=world_size,
-                                          channels_last=channels_last)
         return train, test
-    if path != "pil":
-        raise ConfigError(f"unknown data path {path!r}; valid: pil, tensor")
-    pin = device.type == "cuda"
     batches = AugmentedBatchSampler(sampler, seed)
     train_loader = torch.utils.data.DataLoader(
         CifarTrainDataset(data.train_images, data.train_labels, data.mean, data.std),
-        batch_sampler=batches, num_workers=num_workers, pin_memory=pin)
-    test_loader = torch.utils.data.DataLoader(
+        batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    return _SamplerControlledLoader(train_loader, batches), test
+
+
+def build_cifar_eval_loader(data: ArrayData, *, path: str, eval_batch_size: int, rank: int, world_size: int,
+                            device: torch.device, num_workers: int, channels_last: bool) -> Any:
+    """Test batches ``(inputs, targets)`` of this rank's contiguous shard, unaugmented."""
+    if path == "tensor":
+        return TensorBatchLoader.for_eval(data.test_images, data.test_labels, eval_batch_size, device,
+                                          data.mean, data.std, rank=rank, world_size=world_size,
+                                          channels_last=channels_last)
+    if path != "pil":
+        raise ConfigError(f"unknown data path {path!r}; valid: pil, tensor")
+    return torch.utils.data.DataLoader(
         CifarTestDataset(data.test_images, data.test_labels, data.mean, data.std),
         batch_size=eval_batch_size, sampler=ShardedEvalSampler(len(data.test_labels), rank, world_size),
-        num_workers=num_workers, pin_memory=pin)
-    return _SamplerControlledLoader(train_loader, batches), test_loader
+        num_workers=num_workers, pin_memory=device.type == "cuda")
 
 
 class _SamplerControlledLoader(ForwardsSamplerState):
