@@ -260,3 +260,16 @@ def test_torchvision_model_feature_is_input_of_its_classifier():
         logits, feature = net(x)
         assert torch.allclose(net.branch.fc(feature), logits)
     assert not any(isinstance(m, nn.Linear) and m.out_features == 10 for m in net.stem.modules())
+
+
+@pytest.mark.parametrize("number_net", [2, 3, 4])
+@pytest.mark.parametrize("topology", ["independent", "branched"])
+@pytest.mark.parametrize("name", CIFAR_ARCHS)
+def test_explicit_topologies_for_two_to_four_networks(name, topology, number_net):
+    """Either topology for any N: independent = N x per-net, branched = S + N x B (SPEC section 11)."""
+    skip_if_unregistered(name)
+    per_net, stem, branch, _, _ = TABLE[name]
+    cohort = build_cohort(name, number_net, 100, topology)
+    assert cohort.topology == topology and cohort.number_net == number_net
+    expected = number_net * per_net if topology == "independent" else stem + number_net * branch
+    assert count_parameters(cohort) == expected
