@@ -25,6 +25,7 @@ from data.moco_aug import ShuffledBatchSampler, center_crop_transform, image_fol
 from data.samplers import ShardedEvalSampler
 from models.moco import encoder_names
 from models.pretrained import backbone_state, read_pretrained
+from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
@@ -42,7 +43,7 @@ DEFAULT_ARCH = "resnet50"
 # ============================================================================ flags
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
                         help="path to dataset (an ImageFolder with train/ and val/)")
     parser.add_argument("-a", "--arch", metavar="ARCH", default=None, choices=encoder_names(),

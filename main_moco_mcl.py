@@ -26,6 +26,7 @@ import torch
 from data.moco_aug import (ShuffledBatchSampler, TwoCropsTransform, center_crop_transform, image_folder,
                            moco_augmentation)
 from models.moco import MoCoMCL, check_queue_size, encoder_names
+from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
@@ -41,7 +42,7 @@ from utils.run import configure_determinism, resolve_resume
 # ============================================================================ flags
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
                         help="path to dataset (an ImageFolder with train/)")
     parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=encoder_names(),

@@ -54,6 +54,7 @@ from data.pipeline import ArrayData, build_cifar_loaders, load_arrays  # noqa: E
 from data.samplers import MPerClassBatchSampler  # noqa: E402
 from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
 from main_cifar import to_batch  # noqa: E402
+from utils.args import HelpFormatter
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
 from utils.engine import CohortWithHeads, LoopConfig, Objective, Precision, Trainer  # noqa: E402
@@ -66,7 +67,7 @@ Step = Callable[[], float]  # runs one training step, returns the seconds spent 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--number-net", type=int, default=2)
     p.add_argument("--cohort", default="auto", help="auto | independent | branched (auto: the original's choice)")

@@ -13,6 +13,7 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 from utils import results  # noqa: E402
+from utils.args import HelpFormatter  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -58,7 +59,7 @@ strictly with num_classes = d["num_classes"].
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="export.py", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run directory (uses best.pth.tar, or checkpoint.pth.tar) or a checkpoint file")

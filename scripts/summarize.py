@@ -13,6 +13,7 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 from utils import results  # noqa: E402
+from utils.args import HelpFormatter  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -53,12 +54,12 @@ std, n, seeds, includes_unfinished, runs.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="summarize.py", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories, folders holding run directories, or globs of them")
     parser.add_argument("--metric", choices=tuple(results.METRIC_DESCRIPTIONS), default="paper",
-                        help="paper (default): best single network at its best epoch; "
+                        help="paper: best single network at its best epoch; "
                              "last: last-epoch mean over networks")
     parser.add_argument("--csv", action="store_true", help="write CSV (one line per cell) instead of markdown")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")

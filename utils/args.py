@@ -11,7 +11,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults (but not empty ones) and keep the description's line breaks."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default in (None, False, [], ()) or action.default is argparse.SUPPRESS:
             return action.help or ""
         return super()._get_help_string(action)
 
