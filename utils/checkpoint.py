@@ -102,6 +102,20 @@ def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
             )
 
 
+class RunDirCheckpoints:
+    """``latest_path`` and ``best_path`` of a run loop that has a ``run_dir``."""
+
+    run_dir: str
+
+    @property
+    def latest_path(self) -> str:
+        return latest_checkpoint_path(self.run_dir)
+
+    @property
+    def best_path(self) -> str:
+        return best_checkpoint_path(self.run_dir)
+
+
 def capture_rng_state() -> Dict[str, Any]:
     """Python, NumPy, torch CPU and CUDA generator states."""
     state = {

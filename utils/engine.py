@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from losses.ensemble import ensemble_distill_loss, ensemble_logits
 from losses.mcl import MCLLosses
 from utils import distributed as du
-from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, best_checkpoint_path,
-                              capture_rng_state, latest_checkpoint_path, restore_rng_state)
+from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
+                              capture_rng_state, restore_rng_state)
 from utils.errors import UserError
 from utils.logging import RunLogger
 from utils.metrics import AccuracyCounter, SumMeter
@@ -246,7 +246,7 @@ class RunState:
     images: int = 0  # training images of ``epoch`` so far (global)
 
 
-class Trainer:
+class Trainer(RunDirCheckpoints):
     """Runs epochs of training and evaluation for a cohort; saves and resumes exactly."""
 
     def __init__(
@@ -290,14 +290,6 @@ class Trainer:
         self._debug_signal = _debug_signal()
 
     # ----- checkpoints -------------------------------------------------------
-    @property
-    def latest_path(self) -> str:
-        return latest_checkpoint_path(self.run_dir)
-
-    @property
-    def best_path(self) -> str:
-        return best_checkpoint_path(self.run_dir)
-
     def checkpoint(self, include_contrast: bool = True) -> Dict[str, Any]:
         """Everything needed to continue; ``include_contrast=False`` leaves out memory
         banks and the like, which evaluation and export never need (best.pth.tar)."""

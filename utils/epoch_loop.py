@@ -15,9 +15,8 @@ import torch
 import torch.nn as nn
 
 from utils import distributed as du
-from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, atomic_save, best_checkpoint_path,
-                              capture_rng_state, latest_checkpoint_path,
-                              restore_rng_state, seed_everything)
+from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
+                              capture_rng_state, restore_rng_state, seed_everything)
 from utils.engine import RunState, StopRequest, reduce_accuracy
 from utils.errors import ConfigError
 from utils.logging import RunLogger, ensure_writable_dir
@@ -68,7 +67,7 @@ def reduced_means(acc: AccuracyCounter, meter: SumMeter, keys: Sequence[str],
     return record
 
 
-class EpochLoop:
+class EpochLoop(RunDirCheckpoints):
     """Epochs of steps with exact checkpoints and graceful stop; see the module docstring."""
 
     lr_type = "multistep"
@@ -94,14 +93,6 @@ class EpochLoop:
         self.logger.text(f"{intro}; {start}")
 
     # ----- checkpoints ----------------------------------------------------------
-    @property
-    def latest_path(self) -> str:
-        return latest_checkpoint_path(self.run_dir)
-
-    @property
-    def best_path(self) -> str:
-        return best_checkpoint_path(self.run_dir)
-
     def meters_state(self) -> Dict[str, Any]:
         """The running meters of the epoch in progress (the checkpoint's "meters")."""
         s = self.state
