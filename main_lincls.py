@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Linear evaluation of a pre-trained encoder (SPEC section 4): frozen backbone, fresh fc.
+"""Linear evaluation of a pre-trained encoder: frozen backbone, fresh fc.
 
     python main_lincls.py -a resnet18 --lr 30.0 --batch-size 256 \\
         --pretrained ./checkpoint/checkpoint_0199.pth.tar \\

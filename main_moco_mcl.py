@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Self-supervised MCL on MoCo (SPEC section 4): N query/key encoder pairs, one queue each.
+"""Self-supervised MCL on MoCo: N query/key encoder pairs, one queue each.
 
     python main_moco_mcl.py -a resnet18 --lr 0.03 --batch-size 256 --number-net 2 \\
         --dist-url 'tcp://localhost:10001' --multiprocessing-distributed --world-size 1 --rank 0 \\

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Baselines of the paper's CIFAR-100 table (SPEC section 10): two independent networks, no MCL.
+# Baselines of the paper's CIFAR-100 table (README, "The paper's results"): two independent networks, no MCL.
 # Extra arguments are passed to every run, e.g.: bash scripts/train_cifar_baseline.sh --manual_seed 1 --data ./data/
 set -euo pipefail
 cd "$(dirname "$0")/.."

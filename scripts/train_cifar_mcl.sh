@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MCL(x2) and MCL(x4) rows of the paper's CIFAR-100 table (SPEC section 10).
+# MCL(x2) and MCL(x4) rows of the paper's CIFAR-100 table (README, "The paper's results").
 # N = 4 uses the original's branched network (shared stem, 4 branches).
 # Extra arguments are passed to every run, e.g.: bash scripts/train_cifar_mcl.sh --manual_seed 1
 set -euo pipefail

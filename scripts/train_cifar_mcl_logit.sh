@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MCL(x4) + logit distillation rows of the paper's CIFAR-100 table (SPEC section 10).
+# MCL(x4) + logit distillation rows of the paper's CIFAR-100 table (README, "The paper's results").
 # Extra arguments are passed to every run, e.g.: bash scripts/train_cifar_mcl_logit.sh --manual_seed 2
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's ImageNet rows (SPEC section 10): MCL(x2) and MCL(x4) for ResNet-18/34 and
+# The paper's ImageNet rows: MCL(x2) and MCL(x4) for ResNet-18/34 and
 # MCL(x4) + logit distillation for ResNet-18, each through main_imagenet.py.
 #
 # Data: ./data/ImageNet/{train,val}/<class>/<images> (or pass --data PATH).

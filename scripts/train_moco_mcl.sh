@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Self-supervised MoCo pre-training on ImageNet as in the paper (SPEC section 4):
+# Self-supervised MoCo pre-training on ImageNet as in the paper:
 # ResNet-18, lr 0.03, batch 256 over 8 GPUs, 200 epochs, K = 65536, m = 0.999, T = 0.07,
 # MoCo v1 head and augmentation (add --mlp --aug-plus --cos for MoCo v2).
 #   --number-net 1: the MoCo baseline (47.45 top-1 after linear evaluation)
