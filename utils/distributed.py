@@ -35,10 +35,6 @@ class DistContext:
         return self.rank == 0
 
 
-def is_main(ctx: Optional[DistContext]) -> bool:
-    """True on rank 0 (or without a context)."""
-    return ctx is None or ctx.rank == 0
-
 
 def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = None) -> torch.device:
     """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA is a ConfigError.

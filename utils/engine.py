@@ -217,6 +217,16 @@ class StopRequest:
         return int(flag.item()) or None
 
 
+def report_stop(stop: StopRequest, latest_path: str, state: "RunState", is_main: bool) -> int:
+    """Say where the stopped run was saved and how to resume; the exit code (130 for SIGINT)."""
+    name = signal.Signals(stop.signum or signal.SIGTERM).name
+    if is_main:
+        print(f"{name} received: saved {latest_path} at epoch {state.epoch + 1} step {state.step}. "
+              f"Resume with the same command plus --resume (or --resume {latest_path}).",
+              file=sys.stderr, flush=True)
+    return 130 if stop.signum == signal.SIGINT else 0
+
+
 @dataclass
 class LoopConfig:
     """How the run loop runs (everything but the maths)."""
@@ -483,13 +493,7 @@ class Trainer(RunDirCheckpoints):
         self.logger.text(format_epoch(record))
 
     def _stopped(self) -> int:
-        s = self.state
-        name = signal.Signals(self.stop.signum or signal.SIGTERM).name
-        if self.ctx.is_main:
-            print(f"{name} received: saved {self.latest_path} at epoch {s.epoch + 1} step {s.step}. "
-                  f"Resume with the same command plus --resume (or --resume {self.latest_path}).",
-                  file=sys.stderr, flush=True)
-        return 130 if self.stop.signum == signal.SIGINT else 0
+        return report_stop(self.stop, self.latest_path, self.state, self.ctx.is_main)
 
     def summary(self) -> Dict[str, Any]:
         """SPEC section 8: the paper's metric and the honest last-epoch figures."""

@@ -6,8 +6,6 @@ A subclass gives the step (:meth:`EpochLoop.train_step`), the progress line, wha
 epoch's end records, the summary, and the ``meters``/``extra`` parts of its checkpoint.
 """
 import itertools
-import signal
-import sys
 import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -17,7 +15,7 @@ import torch.nn as nn
 from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
-from utils.engine import RunState, StopRequest, reduce_accuracy
+from utils.engine import RunState, StopRequest, reduce_accuracy, report_stop
 from utils.errors import ConfigError
 from utils.logging import RunLogger, ensure_writable_dir
 from utils.metrics import AccuracyCounter, SumMeter
@@ -215,10 +213,6 @@ class EpochLoop(RunDirCheckpoints):
             self.logger.close()
 
     def stopped(self) -> int:
-        s = self.state
-        name = signal.Signals(self.stop.signum or signal.SIGTERM).name
-        if self.ctx.is_main:
-            print(f"{name} received: saved {self.latest_path} at epoch {s.epoch + 1} step {s.step}. "
-                  f"Resume with the same command plus --resume.", file=sys.stderr, flush=True)
+        code = report_stop(self.stop, self.latest_path, self.state, self.ctx.is_main)
         du.barrier()  # nobody leaves before rank 0 has saved
-        return 130 if self.stop.signum == signal.SIGINT else 0
+        return code

@@ -76,12 +76,6 @@ class AccuracyCounter:
     def top5(self) -> List[int]:
         return self._row(1)
 
-    def percents(self) -> Dict[str, List[float]]:
-        denom = max(self.total, 1)
-        return {
-            "top1": [100.0 * c / denom for c in self.top1],
-            "top5": [100.0 * c / denom for c in self.top5],
-        }
 
     def state_dict(self) -> dict:
         return {"top1": self.top1, "top5": self.top5, "total": self.total}

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from utils.checkpoint import check_compatible, latest_checkpoint_path, load_checkpoint
-from utils.errors import CheckpointError, ConfigError
+from utils.errors import ConfigError
 
 
 def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: float, lam: float,
@@ -77,11 +77,6 @@ def cohort_description(model: nn.Module) -> Tuple[int, str]:
     n = sum(p.numel() for p in model.parameters())
     return n, f"{model.topology} cohort of {model.number_net}: {', '.join(model.arch_names)}"
 
-
-def require_checkpoint_fields(ckpt: Dict[str, Any], path: str, *keys: str) -> None:
-    missing = [k for k in keys if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by this script")
 
 
 def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
