@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-size", type=int, default=5000,
                    help="--dataset synthetic: training images (test: a fifth)")
     g.add_argument("--synthetic-classes", type=int, default=10, help="--dataset synthetic: classes")
+    g.add_argument("--synthetic-test-size", type=int, default=None,
+                   help="--dataset synthetic: test images (default: a fifth of --synthetic-size)")
     parser.set_defaults(dataset_choices=DATASETS)
     return parser
 
@@ -64,6 +66,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
+    for flag, value in (("--synthetic-size", args.synthetic_size), ("--synthetic-classes", args.synthetic_classes),
+                        ("--synthetic-test-size", args.synthetic_test_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
     return args
 
 
@@ -82,7 +88,8 @@ def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: test top-1/top-5 of every network and of the ensemble of a saved run."""
     ckpt = load_checkpoint(path)
-    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes)
+    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
+                       synthetic_test_size=args.synthetic_test_size)
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
                           f"has {data.num_classes}")
@@ -105,7 +112,8 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
         return 0
-    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes)
+    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
+                       synthetic_test_size=args.synthetic_test_size)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     objective = Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
                           kd_all_students_when_two=True, kd_detach_ensemble=True)

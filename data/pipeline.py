@@ -6,7 +6,7 @@ Two paths give the same batches for the same seed (same indices, crops and flips
   device, batches augmented by indexing (data.tensor_loader).
 """
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,10 +35,14 @@ class ArrayData:
 
 
 def load_arrays(dataset: str, root: str, synthetic_size: int = 5000, synthetic_classes: int = 10,
-                synthetic_seed: int = 0) -> ArrayData:
-    """Read CIFAR-100/10 from ``root`` (pickle layout) or make the synthetic set."""
+                synthetic_seed: int = 0, synthetic_test_size: Optional[int] = None) -> ArrayData:
+    """Read CIFAR-100/10 from ``root`` (pickle layout) or make the synthetic set.
+
+    The synthetic test split has ``synthetic_test_size`` images (default: a fifth of the training size).
+    """
     if dataset == "synthetic":
-        (xtr, ytr), (xte, yte) = make_synthetic(synthetic_size, max(synthetic_size // 5, synthetic_classes),
+        test_size = synthetic_size // 5 if synthetic_test_size is None else synthetic_test_size
+        (xtr, ytr), (xte, yte) = make_synthetic(synthetic_size, max(test_size, synthetic_classes),
                                                 synthetic_classes, seed=synthetic_seed)
         return ArrayData(xtr, ytr, xte, yte, synthetic_classes, SYNTHETIC_STATS["mean"], SYNTHETIC_STATS["std"])
     if dataset not in DATASET_STATS:

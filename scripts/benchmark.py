@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0,
                    help="DataLoader workers of the reference (the original: 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--convolutions", action="store_true",
+                   help="also time the cohort's convolutions alone (forward + backward, same shapes) in both "
+                        "modes' precision and layout: how far bf16 can take a step on this machine")
     return p
 
 
@@ -213,6 +216,73 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
         return data_s
 
     return step
+
+
+# ---------------------------------------------------------------- convolutions alone
+
+
+ConvCall = Tuple[torch.nn.Conv2d, torch.Size]
+
+
+def record_conv_calls(cohort: torch.nn.Module, inputs: torch.Tensor) -> List[ConvCall]:
+    """Every Conv2d call of one forward pass, with its input shape, in call order."""
+    calls: List[ConvCall] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].shape)))
+             for m in cohort.modules() if isinstance(m, torch.nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            cohort(inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
+
+
+def conv_step_fn(calls: List[ConvCall], precision: Precision, device: torch.device) -> Step:
+    """Forward + backward of each recorded convolution on its own, with random tensors.
+
+    Layers fed by the images (3 input channels) get no input gradient, as in training.
+    Under ``precision`` the weights stay float32 and autocast casts them, as the fast path does.
+    """
+    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
+    act_dtype = torch.float32 if precision.amp == "none" else torch.bfloat16
+    jobs = []
+    for conv, shape in calls:
+        x = torch.randn(shape, device=device, dtype=act_dtype).contiguous(memory_format=fmt)
+        x.requires_grad_(conv.in_channels != 3)
+        weight = conv.weight.detach().clone().contiguous(memory_format=fmt).requires_grad_()
+        bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
+        with precision.autocast(device):
+            out_shape = conv._conv_forward(x, weight, bias).shape
+        grad = torch.randn(out_shape, device=device, dtype=act_dtype).contiguous(memory_format=fmt)
+        jobs.append((conv, x, weight, bias, grad))
+
+    def step() -> float:
+        for conv, x, weight, bias, grad in jobs:
+            with precision.autocast(device):
+                out = conv._conv_forward(x, weight, bias)
+            out.backward(grad)
+        for _, x, weight, bias, _ in jobs:
+            for t in (x, weight, bias):
+                if t is not None:
+                    t.grad = None
+        return 0.0
+
+    return step
+
+
+def time_convolutions(args: argparse.Namespace, data: ArrayData, device: torch.device) -> Dict[str, Any]:
+    """Milliseconds per training step spent in convolutions alone, reference against fast."""
+    cohort = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort).to(device)
+    probe = torch.zeros(args.batch_size, 3, data.train_images.shape[1], data.train_images.shape[2], device=device)
+    calls = record_conv_calls(cohort, probe)
+    steps = {"reference": conv_step_fn(calls, Precision("none", channels_last=False), device),
+             "fast": conv_step_fn(calls, Precision("bf16", channels_last=True), device)}
+    conv_args = argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 2)})
+    results = run_interleaved(steps, conv_args, device)
+    ms = {mode: 1000 * r["s_per_step"] for mode, r in results.items()}
+    return {"mode": "convolutions_only", "convolutions": len(calls), "reference_ms_per_step": ms["reference"],
+            "fast_ms_per_step": ms["fast"], "ratio_reference_over_fast": ms["reference"] / ms["fast"]}
 
 
 # ---------------------------------------------------------------- timing
@@ -349,6 +419,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary["ratio_paired_median"] = statistics.median(
             f / r for f, r in zip(fast["images_per_s_rounds"], ref["images_per_s_rounds"]))
         summary["ratio_best_over_best"] = fast["images_per_s_best"] / ref["images_per_s_best"]
+    if args.convolutions:
+        convs = time_convolutions(args, data, device)
+        print(json.dumps({**convs, "arch": args.arch, "number_net": args.number_net, "threads": torch.get_num_threads()}),
+              flush=True)
+        summary["convolutions_ratio"] = convs["ratio_reference_over_fast"]
+        if "reference" in results:
+            # If everything but the convolutions cost nothing in the fast path.
+            summary["ratio_bound_convolutions_only"] = (
+                1000 * results["reference"]["s_per_step"] / convs["fast_ms_per_step"])
     summary.update(environment(device, argv), load_avg_before=load_before)
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,50 +1,51 @@
 """Same learning: main_cifar.py --fast (bf16 autocast, channels_last, tensor data) learns like the fp32 default.
 
-A short MCL x2 run on the synthetic set, once in float32 and once with --fast, same seed.
-The two trajectories cannot be bitwise equal (bf16 rounds every convolution), and a few
-dozen steps from a random start amplify any difference, so the yardstick is the spread
-of float32 itself between seeds at this size, measured on 2 cores (4 epochs, 60 steps):
+The same MCL x2 run (synthetic set, 4 classes, 960 training and 1,000 test images, 8 epochs
+of 30 steps, seed 0) once in float32 and once with --fast, as two processes side by side
+(one core each). The two trajectories cannot be bitwise equal: bf16 rounds every
+convolution. The run is long enough for both to level off, so the final accuracies can be
+compared to within 1 point. Measured on 2 cores for seeds 0-3 (last-epoch top-1 of the two
+networks, mean; best single network):
 
-    seed  run   train loss per epoch         last-epoch top-1 (net 0, net 1)
-    0     fp32  6.50  2.54  1.99  1.98       89.6  86.5
-    0     fast  5.89  2.51  1.96  1.92       90.6  91.7
-    1     fp32  5.96  2.50  2.13  1.90       90.6  90.6
-    1     fast  5.26  2.46  2.15  1.84       93.8  88.5
+    seed   fp32 mean  fast mean  |diff|    fp32 best  fast best  |diff|
+    0      95.85      95.40      0.45      96.1       95.9       0.2
+    1      95.70      96.30      0.60      96.3       96.5       0.2
+    2      95.90      95.10      0.80      96.1       95.5       0.6
+    3      95.45      95.15      0.30      96.5       96.0       0.5
 
-fp32 seed 0 vs seed 1 differs by 9 % on the first epoch's loss (a mean over the steep
-descent from ~7), 7 % later, and 2.6 points of mean top-1 (the test set has 96 images:
-one image is 1.04 points). The tolerances below are a little wider than that spread:
-"within 1 point" of accuracy is not measurable at this size, it needs a test set and a
-run long enough for both to saturate (minutes, not seconds).
+Training loss per epoch (the whole MCL objective): fast differs from fp32 of the same seed
+by at most 15 % on any epoch over those seeds, while fp32 itself differs by up to 38 %
+between two seeds. At a shorter length (4 epochs of 480 images) the accuracies are still
+climbing and differ by up to 2.5 points between seeds of either mode, so 1 point could not
+be told from noise there.
 """
 import json
+import os
+import subprocess
+import sys
 
 import pytest
-import torch
 
-import main_cifar
-
-CONFIG = ["--dataset", "synthetic", "--synthetic-size", "480", "--synthetic-classes", "4", "--batch-size", "32",
-          "--m-per-class", "8", "--epochs", "4", "--eval-batch-size", "128", "--num-workers", "0", "--no-progress",
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ["--dataset", "synthetic", "--synthetic-size", "960", "--synthetic-test-size", "1000",
+          "--synthetic-classes", "4", "--batch-size", "32", "--m-per-class", "8", "--epochs", "8",
+          "--init-lr", "0.05", "--eval-batch-size", "250", "--num-workers", "0", "--no-progress",
           "--arch", "resnet32", "--number-net", "2", "--alpha", "0.1", "--gamma", "1.", "--beta", "0.1",
-          "--lam", "1.", "--manual_seed", "0"]
-CHANCE = 25.0
-FIRST_EPOCH_LOSS_RTOL = 0.20
-LATER_EPOCH_LOSS_RTOL = 0.10
-ACCURACY_POINTS = 5.0
+          "--lam", "1.", "--manual_seed", "0", "--threads", "1"]
+EPOCHS = 8
+ACCURACY_POINTS = 1.0
+LOSS_RTOL = 0.2
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads stall each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def start(tmp_path, name, *extra):
+    cmd = [sys.executable, "main_cifar.py", *CONFIG, "--checkpoint-dir", str(tmp_path), "--run-name", name, *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def train(tmp_path, name, *extra):
-    assert main_cifar.main(CONFIG + ["--checkpoint-dir", str(tmp_path), "--run-name", name, *extra]) == 0
+def metrics(tmp_path, name, process):
+    out, err = process.communicate(timeout=900)
+    assert process.returncode == 0, err[-2000:]
     with open(tmp_path / name / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -53,17 +54,16 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def test_fast_path_learns_like_fp32(tmp_path, one_thread):
-    reference = train(tmp_path, "fp32")
-    fast = train(tmp_path, "fast", "--fast")
-    assert len(reference) == len(fast) == 4
+def test_fast_path_learns_like_fp32(tmp_path):
+    runs = {"fp32": start(tmp_path, "fp32"), "fast": start(tmp_path, "fast", "--fast")}
+    reference, fast = (metrics(tmp_path, name, process) for name, process in runs.items())
+    assert len(reference) == len(fast) == EPOCHS
     ref_loss = [r["train"]["loss"] for r in reference]
     fast_loss = [r["train"]["loss"] for r in fast]
-    assert fast_loss[0] == pytest.approx(ref_loss[0], rel=FIRST_EPOCH_LOSS_RTOL), (ref_loss, fast_loss)
-    assert fast_loss[1:] == pytest.approx(ref_loss[1:], rel=LATER_EPOCH_LOSS_RTOL), (ref_loss, fast_loss)
-    assert fast_loss[-1] < fast_loss[0] / 2  # it trained
+    assert fast_loss == pytest.approx(ref_loss, rel=LOSS_RTOL), (ref_loss, fast_loss)
+    assert fast_loss[-1] < fast_loss[0] / 1.5  # it trained
     ref_top1, fast_top1 = mean(reference[-1]["test"]["top1"]), mean(fast[-1]["test"]["top1"])
-    assert ref_top1 > 2.5 * CHANCE and fast_top1 > 2.5 * CHANCE, (ref_top1, fast_top1)
+    assert ref_top1 > 90 and fast_top1 > 90, (ref_top1, fast_top1)  # levelled off (chance: 25)
     assert abs(fast_top1 - ref_top1) <= ACCURACY_POINTS, (ref_top1, fast_top1)
     best_ref, best_fast = reference[-1]["best_acc"], fast[-1]["best_acc"]
     assert abs(best_fast - best_ref) <= ACCURACY_POINTS, (best_ref, best_fast)
