@@ -24,6 +24,11 @@ memory of that mode on a GPU; on CPU it is the process's maximum resident set si
 (resource.getrusage), which is shared by both modes of the one process (an upper bound
 for each, not a per-mode figure).
 
+``--convolutions`` then profiles each mode (torch.profiler) and prints, per mode, the
+milliseconds per step spent in convolutions (forward and backward) and their fraction of
+the step; the summary adds the convolution speed-up and the ratio the fast path would reach
+if everything but its convolutions cost nothing.
+
 Data: a synthetic CIFAR-shaped set (100 classes, ``--synthetic-size`` images) by
 default, so nothing is downloaded; ``--dataset cifar100 --data DIR`` uses the real one.
 """
@@ -96,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader workers of the reference (the original: 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--convolutions", action="store_true",
-                   help="also time the cohort's convolutions alone (forward + backward, same shapes) in both "
-                        "modes' precision and layout: how far bf16 can take a step on this machine")
+                   help="after the timing, profile --steps steps of each mode and print the time spent in "
+                        "convolutions (forward + backward): how far bf16 can take a step on this machine")
     return p
 
 
@@ -218,71 +223,28 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
     return step
 
 
-# ---------------------------------------------------------------- convolutions alone
+# ---------------------------------------------------------------- where the time goes
 
 
-ConvCall = Tuple[torch.nn.Conv2d, torch.Size]
+def convolution_share(step: Step, steps: int, device: torch.device) -> Dict[str, float]:
+    """Profile ``steps`` training steps: milliseconds per step in all, and in convolution kernels.
 
-
-def record_conv_calls(cohort: torch.nn.Module, inputs: torch.Tensor) -> List[ConvCall]:
-    """Every Conv2d call of one forward pass, with its input shape, in call order."""
-    calls: List[ConvCall] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((mod, inp[0].shape)))
-             for m in cohort.modules() if isinstance(m, torch.nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            cohort(inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return calls
-
-
-def conv_step_fn(calls: List[ConvCall], precision: Precision, device: torch.device) -> Step:
-    """Forward + backward of each recorded convolution on its own, with random tensors.
-
-    Layers fed by the images (3 input channels) get no input gradient, as in training.
-    Under ``precision`` the weights stay float32 and autocast casts them, as the fast path does.
+    Convolution time is the self time of every profiled op whose name contains
+    "convolution" (forward and backward), on the CPU or, on CUDA, on the device.
     """
-    fmt = torch.channels_last if precision.channels_last else torch.contiguous_format
-    act_dtype = torch.float32 if precision.amp == "none" else torch.bfloat16
-    jobs = []
-    for conv, shape in calls:
-        x = torch.randn(shape, device=device, dtype=act_dtype).contiguous(memory_format=fmt)
-        x.requires_grad_(conv.in_channels != 3)
-        weight = conv.weight.detach().clone().contiguous(memory_format=fmt).requires_grad_()
-        bias = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
-        with precision.autocast(device):
-            out_shape = conv._conv_forward(x, weight, bias).shape
-        grad = torch.randn(out_shape, device=device, dtype=act_dtype).contiguous(memory_format=fmt)
-        jobs.append((conv, x, weight, bias, grad))
+    from torch.profiler import ProfilerActivity, profile
 
-    def step() -> float:
-        for conv, x, weight, bias, grad in jobs:
-            with precision.autocast(device):
-                out = conv._conv_forward(x, weight, bias)
-            out.backward(grad)
-        for _, x, weight, bias, _ in jobs:
-            for t in (x, weight, bias):
-                if t is not None:
-                    t.grad = None
-        return 0.0
-
-    return step
-
-
-def time_convolutions(args: argparse.Namespace, data: ArrayData, device: torch.device) -> Dict[str, Any]:
-    """Milliseconds per training step spent in convolutions alone, reference against fast."""
-    cohort = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort).to(device)
-    probe = torch.zeros(args.batch_size, 3, data.train_images.shape[1], data.train_images.shape[2], device=device)
-    calls = record_conv_calls(cohort, probe)
-    steps = {"reference": conv_step_fn(calls, Precision("none", channels_last=False), device),
-             "fast": conv_step_fn(calls, Precision("bf16", channels_last=True), device)}
-    conv_args = argparse.Namespace(**{**vars(args), "steps": max(1, args.steps // 2)})
-    results = run_interleaved(steps, conv_args, device)
-    ms = {mode: 1000 * r["s_per_step"] for mode, r in results.items()}
-    return {"mode": "convolutions_only", "convolutions": len(calls), "reference_ms_per_step": ms["reference"],
-            "fast_ms_per_step": ms["fast"], "ratio_reference_over_fast": ms["reference"] / ms["fast"]}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    tic = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = time.perf_counter() - tic
+    attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    conv_us = sum(getattr(e, attribute) for e in prof.key_averages() if "convolution" in e.key)
+    return {"profiled_ms_per_step": 1000 * wall / steps, "convolution_ms_per_step": conv_us / 1000 / steps}
 
 
 # ---------------------------------------------------------------- timing
@@ -420,14 +382,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             f / r for f, r in zip(fast["images_per_s_rounds"], ref["images_per_s_rounds"]))
         summary["ratio_best_over_best"] = fast["images_per_s_best"] / ref["images_per_s_best"]
     if args.convolutions:
-        convs = time_convolutions(args, data, device)
-        print(json.dumps({**convs, "arch": args.arch, "number_net": args.number_net, "threads": torch.get_num_threads()}),
-              flush=True)
-        summary["convolutions_ratio"] = convs["ratio_reference_over_fast"]
-        if "reference" in results:
-            # If everything but the convolutions cost nothing in the fast path.
-            summary["ratio_bound_convolutions_only"] = (
-                1000 * results["reference"]["s_per_step"] / convs["fast_ms_per_step"])
+        shares = {mode: convolution_share(step, args.steps, device) for mode, step in steps.items()}
+        for mode, share in shares.items():
+            print(json.dumps({"mode": mode, "profile": True, **common, **share,
+                              "convolution_fraction": share["convolution_ms_per_step"] / share["profiled_ms_per_step"]}),
+                  flush=True)
+        if "reference" in shares and "fast" in shares:
+            ref_conv, fast_conv = (shares[m]["convolution_ms_per_step"] for m in ("reference", "fast"))
+            summary["convolution_ratio"] = ref_conv / fast_conv
+            # The ratio if everything but the convolutions cost nothing in the fast path. The
+            # profiler slows a step down, so the fast path's convolution time is its profiled
+            # fraction of the timed (unprofiled) step.
+            fraction = fast_conv / shares["fast"]["profiled_ms_per_step"]
+            summary["ratio_bound_convolutions_only"] = results["reference"]["s_per_step"] / (
+                results["fast"]["s_per_step"] * fraction)
     summary.update(environment(device, argv), load_avg_before=load_before)
     print(json.dumps(summary), flush=True)
     return 0
