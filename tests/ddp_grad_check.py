@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from losses.mcl import sup_mcl_losses
+from utils import distributed as du
 from utils.contrast import InBatchContrast
 from utils.engine import Batch
 
@@ -52,8 +53,8 @@ def _worker(rank, init_file, out_file):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     if rank == 0:
         torch.save(grads, out_file)
-    dist.barrier()  # leave together: gloo aborts a rank whose peer tears down first
-    dist.destroy_process_group()
+    del ddp, emb  # a DDP wrapper alive at destroy_process_group can abort the exit (SIGABRT)
+    du.cleanup(wait_for_all=True)
 
 
 def run_check() -> None:

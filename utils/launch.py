@@ -162,8 +162,8 @@ class _GroupWorker:
         ctx = setup_process(args, local_rank, nprocs)
         try:
             code = self.body(args, ctx, nprocs)
-        except BaseException:
-            du.cleanup()  # no barrier: the other ranks may never reach it
+        except BaseException as error:
+            du.cleanup(error=error)  # no barrier: the other ranks may never reach it
             raise
         du.cleanup(wait_for_all=True)
         return code

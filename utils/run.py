@@ -107,8 +107,8 @@ def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
     ctx = du.setup_distributed(device=device)
     try:
         code = body(ctx)
-    except BaseException:
-        du.cleanup()  # no barrier: the other ranks may never reach it
+    except BaseException as error:
+        du.cleanup(error=error)  # no barrier: the other ranks may never reach it
         raise
     du.cleanup(wait_for_all=True)
     return code
