@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.pipeline import DATASETS, build_cifar_eval_loader, build_cifar_loaders, load_arrays
+from data.pipeline import DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, load_arrays
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
@@ -85,11 +85,16 @@ def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_
     return config
 
 
+def load_data(args: argparse.Namespace) -> ArrayData:
+    """The training and test arrays --dataset names (generated for synthetic)."""
+    return load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
+                       synthetic_test_size=args.synthetic_test_size)
+
+
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: test top-1/top-5 of every network and of the ensemble of a saved run."""
     ckpt = load_checkpoint(path)
-    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
-                       synthetic_test_size=args.synthetic_test_size)
+    data = load_data(args)
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
                           f"has {data.num_classes}")
@@ -112,8 +117,7 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
         return 0
-    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
-                       synthetic_test_size=args.synthetic_test_size)
+    data = load_data(args)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     objective = Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
                           kd_all_students_when_two=True, kd_detach_ensemble=True)

@@ -12,7 +12,7 @@ import gc
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -118,6 +118,18 @@ def cleanup(wait_for_all: bool = False, error: Optional[BaseException] = None) -
         if wait_for_all:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def run_then_leave(body: Callable[[], int]) -> int:
+    """``body()``, then leave the process group: after every rank on a normal end, at once
+    (no barrier: the other ranks may never reach it) when ``body`` raises."""
+    try:
+        code = body()
+    except BaseException as error:
+        cleanup(error=error)
+        raise
+    cleanup(wait_for_all=True)
+    return code
 
 
 def world_size() -> int:

@@ -160,10 +160,4 @@ class _GroupWorker:
 
     def __call__(self, local_rank: int, args: argparse.Namespace, nprocs: int) -> int:
         ctx = setup_process(args, local_rank, nprocs)
-        try:
-            code = self.body(args, ctx, nprocs)
-        except BaseException as error:
-            du.cleanup(error=error)  # no barrier: the other ranks may never reach it
-            raise
-        du.cleanup(wait_for_all=True)
-        return code
+        return du.run_then_leave(lambda: self.body(args, ctx, nprocs))

@@ -105,13 +105,7 @@ def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
     if gpu_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
     ctx = du.setup_distributed(device=device)
-    try:
-        code = body(ctx)
-    except BaseException as error:
-        du.cleanup(error=error)  # no barrier: the other ranks may never reach it
-        raise
-    du.cleanup(wait_for_all=True)
-    return code
+    return du.run_then_leave(lambda: body(ctx))
 
 
 @dataclass
