@@ -151,3 +151,22 @@ def load_cifar(
     images = np.concatenate([p[0] for p in parts], axis=0)
     labels = np.concatenate([p[1] for p in parts], axis=0)
     return images, labels
+
+
+def write_cifar100(root: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> str:
+    """Write (images uint8 (N, 32, 32, 3), labels (N,)) splits as ``root/cifar-100-python``, official layout.
+
+    Text keys and CHW-flattened rows, as in the released files, so torchvision's CIFAR100 reads them
+    too. Returns the folder written.
+    """
+    folder = cifar_folder(root, "cifar100")
+    os.makedirs(folder, exist_ok=True)
+    for name, (images, labels) in (("train", train), ("test", test)):
+        rows = np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 1, 2)).reshape(len(images), -1)
+        entry = {"data": rows, "fine_labels": [int(v) for v in labels], "coarse_labels": [0] * len(labels)}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class_{i}" for i in range(100)], "coarse_label_names": ["all"]}, f,
+                    protocol=2)
+    return folder

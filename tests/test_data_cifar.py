@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 
-from data.cifar import DATASET_STATS, load_cifar, num_classes
+from data.cifar import DATASET_STATS, load_cifar, num_classes, write_cifar100
 from data.synthetic import SYNTHETIC_STATS, make_synthetic
 from utils.errors import ConfigError, DatasetError
 
@@ -153,3 +153,21 @@ def test_failed_download_is_one_line_dataset_error(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "cifar-10-python.tar.gz" in message
     assert os.path.join(str(tmp_path), "cifar-10-batches-py") in message
+
+
+def test_write_cifar100_is_read_back_by_us_and_by_torchvision(tmp_path, monkeypatch):
+    import torchvision
+    import torchvision.datasets.cifar as tv_cifar
+
+    rng = np.random.default_rng(3)
+    train = (rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), np.arange(12) * 7 % 100)
+    test = (rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), np.arange(5))
+    write_cifar100(str(tmp_path), train, test)
+    for split, (images, labels) in ((True, train), (False, test)):
+        got_images, got_labels = load_cifar(str(tmp_path), "cifar100", train=split, download=False)
+        np.testing.assert_array_equal(got_images, images)
+        np.testing.assert_array_equal(got_labels, labels)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    theirs = torchvision.datasets.CIFAR100(str(tmp_path), train=True, download=False)
+    np.testing.assert_array_equal(theirs.data, train[0])
+    assert theirs.targets == train[1].tolist() and len(theirs.classes) == 100
