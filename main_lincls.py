@@ -29,6 +29,7 @@ from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
+from utils.engine import validate_precision
 from utils.epoch_loop import already_finished, prepare_run_dir, wrap_ddp
 from utils.errors import CheckpointError, ConfigError
 from utils.launch import GracefulStop, launch, node_share, run_in_group
@@ -103,6 +104,7 @@ def pretrained_backbone(args) -> Tuple[Optional[Dict[str, torch.Tensor]], str, s
 
 
 def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
+    validate_precision(args.amp, ctx.device)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     run_dir = args.checkpoint
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
         raise CheckpointError(f"{resume_path} is a {ckpt.get('arch')} with {ckpt.get('num_classes')} classes; "
                               f"this run has {arch} with {num_classes}")
     model = model.to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     du.broadcast_state(model)
     reference = frozen_snapshot(model)
     params = freeze_all_but_fc(model)
@@ -140,7 +144,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
         if not args.pretrained:  # random backbone: the reference is the one the run has trained with
             runner.reference = frozen_snapshot(model)
     if args.evaluate:
-        result = evaluate(model, val_loader, ctx, args.max_eval_batches)
+        result = evaluate(model, val_loader, ctx, args.max_eval_batches, runner.precision)
         if ctx.is_main:
             print(f" * Acc@1 {result['top1'][0]:.3f} Acc@5 {result['top5'][0]:.3f} ({arch}, {what})")
         return 0

@@ -30,6 +30,7 @@ from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
+from utils.engine import validate_precision
 from utils.epoch_loop import already_finished, prepare_run_dir, wrap_ddp
 from utils.errors import ConfigError
 from utils.launch import GracefulStop, launch, node_share, run_in_group
@@ -127,6 +128,8 @@ def build_model(args: argparse.Namespace, ctx: du.DistContext) -> MoCoMCL:
         seed_everything(args.seed)
     model = MoCoMCL(args.arch, args.number_net, args.moco_dim, args.moco_k, args.moco_m, args.mlp,
                     rank=ctx.rank, world_size=ctx.world_size).to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     du.broadcast_state(model)
     if args.seed is not None:
         seed_everything(args.seed + ctx.rank)  # same weights everywhere, different augmentations per rank
@@ -143,6 +146,7 @@ def describe_run(args: argparse.Namespace, ctx: du.DistContext, images: int, bat
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
+    validate_precision(args.amp, ctx.device)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     check_queue_size(args.moco_k, batch * ctx.world_size)

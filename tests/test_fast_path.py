@@ -25,6 +25,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ["--dataset", "synthetic", "--synthetic-size", "960", "--synthetic-test-size", "1000",
@@ -67,3 +68,20 @@ def test_fast_path_learns_like_fp32(tmp_path):
     assert abs(fast_top1 - ref_top1) <= ACCURACY_POINTS, (ref_top1, fast_top1)
     best_ref, best_fast = reference[-1]["best_acc"], fast[-1]["best_acc"]
     assert abs(best_fast - best_ref) <= ACCURACY_POINTS, (best_ref, best_fast)
+
+
+def test_backward_and_step_through_a_scaler_takes_the_unscaled_step():
+    from utils.engine import backward_and_step
+
+    torch.manual_seed(0)
+    x, target = torch.randn(8, 3), torch.randn(8, 2)
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=1024.0)):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            optimizer.zero_grad()
+            backward_and_step(torch.nn.functional.mse_loss(layer(x), target), optimizer, scaler)
+        results.append(layer.weight.detach().clone())
+    torch.testing.assert_close(results[0], results[1])

@@ -213,3 +213,36 @@ def test_sampler_shards_a_seeded_permutation_and_resumes():
     resumed = ShuffledBatchSampler(10, 2, 1, 2, seed=3, drop_last=True)
     resumed.set_start_batch(1)
     assert list(resumed) == batches[1][1:]
+
+
+# ----------------------------------------------------------------------------- mixed precision
+
+def test_bf16_channels_last_pretrain_then_linear_evaluation(image_root, tmp_path):
+    run_dir = str(tmp_path / "moco_bf16")
+    fast = ["--amp", "bf16", "--channels-last"]
+    assert main_moco_mcl.main(TINY + fast + ["--data", image_root, "--epochs", "1", "--moco-k", "16",
+                                             "--max-train-batches", "2", "--checkpoint", run_dir, "--mlp",
+                                             "--seed", "0", "--number-net", "2"]) == 0
+    ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
+    assert ckpt["finished"] and ckpt["scaler"] is None  # bf16 needs no gradient scaler
+    assert ckpt["model"]["queue"].dtype == torch.float32 and ckpt["model"]["queue_ptr"].tolist() == [0, 0]
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        train = json.loads(f.readline())["train"]
+    assert all(np.isfinite(train[k]) for k in ("loss", "vcl", "soft_vcl", "icl", "soft_icl"))
+
+    lin_dir = str(tmp_path / "lincls_bf16")
+    final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
+    assert main_lincls.main(TINY + fast + ["--data", image_root, "--pretrained", final, "--epochs", "1",
+                                           "--max-train-batches", "2", "--checkpoint", lin_dir, "--lr", "0.1"]) == 0
+    lin = load_checkpoint(os.path.join(lin_dir, "checkpoint.pth.tar"))
+    assert lin["finished"] and torch.equal(lin["model"]["conv1.weight"], ckpt["model"]["encoders_q.0.conv1.weight"])
+    with open(os.path.join(lin_dir, "summary.json")) as f:
+        assert 0.0 <= json.load(f)["last_top1"][0] <= 100.0
+
+
+@pytest.mark.parametrize("script", [main_moco_mcl, main_lincls])
+def test_fp16_on_cpu_is_one_line(script, image_root, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(script.main, TINY + ["--amp", "fp16", "--data", image_root, "--checkpoint", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and "--amp fp16 needs CUDA" in err

@@ -76,6 +76,13 @@ def add_original_training_args(
     g.add_argument("--feat-dim", default=128, type=int, help="embedding size of the projection heads")
 
 
+def add_precision_args(group: argparse._ArgumentGroup) -> None:
+    """--amp and --channels-last (utils.engine.Precision), for every training script."""
+    group.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                       help="mixed precision (fp16 uses a gradient scaler and needs CUDA)")
+    group.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+
+
 def add_common_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Flags this project adds to both supervised scripts."""
     g = parser.add_argument_group("additions")
@@ -83,9 +90,7 @@ def add_common_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentG
                    help="cohort topology; auto = the original's rule (N == 2 independent, else branched)")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to train; auto = CUDA when available")
-    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
-                   help="mixed precision (fp16 uses a gradient scaler and needs CUDA)")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    add_precision_args(g)
     g.add_argument("--eval-batch-size", type=int, default=0,
                    help="evaluation batch size per process (0 = 2 x --batch-size)")
     g.add_argument("--max-train-batches", type=int, default=0,

@@ -116,6 +116,23 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
+def make_grad_scaler(amp: str) -> Optional["torch.amp.GradScaler"]:
+    """fp16 needs a gradient scaler (its exponent range is small); bf16 and float32 do not."""
+    return torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: Optional["torch.amp.GradScaler"]) -> None:
+    """``loss.backward()`` then ``optimizer.step()``, through ``scaler`` when there is one."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def validate_precision(amp: str, device: torch.device) -> None:
     if amp not in AMP_MODES:
         raise UserError(f"--amp {amp!r} is not one of {', '.join(AMP_MODES)}")
@@ -290,7 +307,7 @@ class Trainer(RunDirCheckpoints):
         self.to_batch = to_batch
         self.number_net = model.cohort.number_net
         self.state = RunState(train_acc=AccuracyCounter(self.number_net + 1))
-        self.scaler = torch.amp.GradScaler("cuda") if precision.amp == "fp16" else None
+        self.scaler = make_grad_scaler(precision.amp)
         self.ddp_model: nn.Module = model
         if ctx.distributed:
             device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
@@ -366,13 +383,7 @@ class Trainer(RunDirCheckpoints):
                 f"non-finite loss at epoch {self.state.epoch} step {self.state.step}: {detail}; "
                 f"the latest good checkpoint is {self.latest_path}; lower --init-lr or use --amp none"
             )
-        if self.scaler is not None:
-            self.scaler.scale(terms["loss"]).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            terms["loss"].backward()
-            self.optimizer.step()
+        backward_and_step(terms["loss"], self.optimizer, self.scaler)
         if self.contrast is not None and embeddings is not None and hasattr(self.contrast, "after_step"):
             self.contrast.after_step([e.detach() for e in embeddings], batch)
         detached = [z.detach().float() for z in logits]

@@ -15,7 +15,8 @@ import torch.nn as nn
 from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
-from utils.engine import RunState, StopRequest, reduce_accuracy, report_stop
+from utils.engine import (Precision, RunState, StopRequest, backward_and_step, make_grad_scaler, reduce_accuracy,
+                          report_stop)
 from utils.errors import ConfigError
 from utils.logging import RunLogger, ensure_writable_dir
 from utils.metrics import AccuracyCounter, SumMeter
@@ -80,6 +81,8 @@ class EpochLoop(RunDirCheckpoints):
         self.num_heads = num_heads
         self.state = RunState(epoch=args.start_epoch, train_acc=AccuracyCounter(num_heads))
         self.stop = stop if stop is not None else StopRequest()
+        self.precision = Precision(args.amp, args.channels_last)
+        self.scaler = make_grad_scaler(args.amp)
 
     def announce(self, config: Dict[str, Any], intro: str, resume_path: Optional[str]) -> None:
         """Rank 0: write config.json and log ``intro`` with where the run starts (or resumes)."""
@@ -105,7 +108,7 @@ class EpochLoop(RunDirCheckpoints):
         return {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **self.meta,
             "model": self.model.state_dict(), "heads": None, "optimizer": self.optimizer.state_dict(),
-            "scaler": None, "epoch": s.epoch, "step": s.step, "finished": s.finished,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None, "epoch": s.epoch, "step": s.step, "finished": s.finished,
             "best_acc": s.best_acc, "best_epoch": s.best_epoch, "rng": capture_rng_state(),
             "sampler": {"seed": self.sampler.seed, "epoch": s.epoch, "start_batch": s.step},
             "meters": self.meters_state(), "extra": self.extra_state(),
@@ -121,6 +124,8 @@ class EpochLoop(RunDirCheckpoints):
         s = self.state
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
         s.epoch, s.step = int(ckpt["epoch"]), int(ckpt["step"])
         s.best_acc, s.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
         meters = ckpt.get("meters") or {}
@@ -144,6 +149,11 @@ class EpochLoop(RunDirCheckpoints):
     def train_step(self, inputs: Any, targets: Any) -> Tuple[Dict[str, float], int]:
         """One optimizer step -> (named loss values, local batch size); updates ``state.train_acc``."""
         raise NotImplementedError
+
+    def optimize(self, loss: torch.Tensor) -> None:
+        """Zero the gradients, backward, step (through the fp16 gradient scaler under --amp fp16)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        backward_and_step(loss, self.optimizer, self.scaler)
 
     def progress_line(self, lr: float, total: int, named: Dict[str, float]) -> str:
         raise NotImplementedError

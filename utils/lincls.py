@@ -11,7 +11,7 @@ import torchvision.models as tv_models
 
 from models.pretrained import FC_KEYS, load_backbone
 from utils import distributed as du
-from utils.engine import NonFiniteLossError
+from utils.engine import NonFiniteLossError, Precision
 from utils.epoch_loop import EpochLoop, reduced_means
 from utils.logging import read_metrics
 from utils.metrics import AccuracyCounter, SumMeter
@@ -69,15 +69,17 @@ def prepare_model(arch: str, state: Optional[Dict[str, torch.Tensor]], num_class
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, ctx: du.DistContext, max_batches: int = 0) -> Dict[str, Any]:
+def evaluate(model: nn.Module, loader, ctx: du.DistContext, max_batches: int = 0,
+             precision: Precision = Precision()) -> Dict[str, Any]:
     """Top-1/top-5 (%) and mean loss over the whole val split (every rank evaluates its shard)."""
     model.eval()
     acc, meter = AccuracyCounter(1), SumMeter()
     for i, (images, targets) in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        images, targets = images.to(ctx.device), targets.to(ctx.device)
-        logits = model(images)
+        images, targets = precision.prepare_inputs(images.to(ctx.device)), targets.to(ctx.device)
+        with precision.autocast(ctx.device):
+            logits = model(images).float()
         meter.update({"loss": float(F.cross_entropy(logits, targets))}, images.size(0))
         acc.update([logits], targets)
     result = reduced_means(acc, meter, ("loss",), ctx.device)
@@ -107,19 +109,19 @@ class LinearRun(EpochLoop):
 
     def to_device(self, raw: Any) -> Tuple[torch.Tensor, torch.Tensor]:
         images, targets = raw
-        return images.to(self.ctx.device, non_blocking=True), targets.to(self.ctx.device, non_blocking=True)
+        images = self.precision.prepare_inputs(images.to(self.ctx.device, non_blocking=True))
+        return images, targets.to(self.ctx.device, non_blocking=True)
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[Dict[str, float], int]:
         s = self.state
-        logits = self.ddp_model(images)
+        with self.precision.autocast(self.ctx.device):
+            logits = self.ddp_model(images).float()
         loss = F.cross_entropy(logits, targets)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise NonFiniteLossError(f"non-finite loss at epoch {s.epoch} step {s.step}; lower --lr "
                                      f"(latest good checkpoint: {self.latest_path})")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimize(loss)
         s.train_acc.update([logits.detach()], targets)
         return {"loss": value}, images.size(0)
 
@@ -131,7 +133,7 @@ class LinearRun(EpochLoop):
         check_frozen_unchanged(self.model, self.reference)
         lr = self.optimizer.param_groups[0]["lr"]
         train = reduced_means(s.train_acc, s.train_meter, ("loss",), self.ctx.device)
-        test = evaluate(self.model, self.val_loader, self.ctx, self.args.max_eval_batches)
+        test = evaluate(self.model, self.val_loader, self.ctx, self.args.max_eval_batches, self.precision)
         is_best = test["top1"][0] > s.best_acc or s.best_epoch < 0
         if is_best:
             s.best_acc, s.best_epoch = test["top1"][0], s.epoch

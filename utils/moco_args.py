@@ -4,6 +4,7 @@ import argparse
 from typing import Dict, Sequence
 
 from utils import distributed as du
+from utils.args import add_precision_args
 from utils.errors import ConfigError
 
 
@@ -48,9 +49,10 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_smoke_args(parser: argparse.ArgumentParser) -> None:
-    """Additions for CPU runs and smoke tests: device, crop size, caps on batches."""
+    """Additions: device, mixed precision and memory format, crop size, caps on batches."""
     g = parser.add_argument_group("additions")
     g.add_argument("--device", default="auto", choices=du.DEVICES, help="auto = CUDA when available")
+    add_precision_args(g)
     g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
     g.add_argument("--max-train-batches", default=0, type=int, help="cap on training batches per epoch (0 = none)")
     g.add_argument("--max-eval-batches", default=0, type=int, help="cap on evaluation batches (0 = none)")

@@ -53,13 +53,17 @@ class MocoRun(EpochLoop):
     # ----- one step -------------------------------------------------------------
     def to_device(self, raw: Any) -> Tuple[Tuple[torch.Tensor, torch.Tensor], None]:
         images, _ = raw
-        device = self.ctx.device
-        return (images[0].to(device, non_blocking=True), images[1].to(device, non_blocking=True)), None
+        device, prepare = self.ctx.device, self.precision.prepare_inputs
+        return (prepare(images[0].to(device, non_blocking=True)),
+                prepare(images[1].to(device, non_blocking=True))), None
 
     def train_step(self, inputs: Tuple[torch.Tensor, torch.Tensor], _targets: None) -> Tuple[Dict[str, float], int]:
         args, s = self.args, self.state
         im_q, im_k = inputs
-        queries, keys = self.ddp_model(im_q, im_k)
+        with self.precision.autocast(self.ctx.device):
+            queries, keys = self.ddp_model(im_q, im_k)
+        # Under --amp the encoders run in bf16/fp16; the queues, logits and losses stay float32.
+        queries, keys = [q.float() for q in queries], [k.float() for k in keys]
         # The losses read the queues as they were before this step's keys; enqueue comes after backward.
         terms = moco_mcl_losses(queries, keys, self.model.queue, args.moco_t, args.kd_T)
         loss = terms.vcl + terms.soft_vcl + terms.icl + terms.soft_icl
@@ -69,9 +73,7 @@ class MocoRun(EpochLoop):
             raise NonFiniteLossError(f"non-finite loss at epoch {s.epoch} step {s.step}: {named}; "
                                      f"the latest good checkpoint is {self.latest_path}; lower --lr")
         logits = instance_logits(queries, keys, self.model.queue, args.moco_t)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.optimize(loss)
         self.model.enqueue(keys)
         targets = torch.zeros(im_q.size(0), dtype=torch.long, device=im_q.device)
         s.train_acc.update(logits, targets)
