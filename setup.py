@@ -24,6 +24,7 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=["models", "losses", "data", "utils"],
+    package_data={"models": ["csrc/*.cpp"]},  # the fused BatchNorm+ReLU kernel, built on first use
     py_modules=["main_cifar", "main_imagenet", "main_moco_mcl", "main_lincls"],
     install_requires=requirements(),
     extras_require={

@@ -3,7 +3,8 @@
 Layout: 3x3 conv 3->16 + BN + ReLU, three stages of width 16/32/64 with strides
 1/2/2, global average pool, Linear. The blocks are torchvision's (post-activation,
 stride on the 3x3 conv, 1x1 conv + BN shortcut when the shape changes), which is
-exactly what the original copied.
+exactly what the original copied; their BN + ReLU pairs go through models.fused.bn_relu
+(the same eager ops, fused only on the CPU bf16 fast path).
 
 Split: stem = conv1, bn1, relu, layer1; branch = layer2, layer3, avgpool, classifier.
 Init (both topologies): convs Kaiming normal (fan_out, relu), BN weight 1 / bias 0,
@@ -15,9 +16,32 @@ import torch
 import torch.nn as nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
+from .fused import bn_relu
 from .registry import ArchSpec, register_arch
 
-Block = Type[Union[BasicBlock, Bottleneck]]
+
+class FusableBasicBlock(BasicBlock):
+    """torchvision's BasicBlock (same layers, parameters and state-dict keys) whose BN + ReLU
+    pairs go through :func:`models.fused.bn_relu`: the same eager ops, or one fused op on the
+    CPU bf16 fast path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = bn_relu(self.bn1, self.conv1(x))
+        return bn_relu(self.bn2, self.conv2(out), residual=identity)
+
+
+class FusableBottleneck(Bottleneck):
+    """torchvision's Bottleneck, BN + ReLU pairs through :func:`models.fused.bn_relu`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
+        return bn_relu(self.bn3, self.conv3(out), residual=identity)
+
+
+Block = Type[Union[FusableBasicBlock, FusableBottleneck]]
 
 STEM_WIDTH = 16
 STAGE_WIDTHS = (16, 32, 64)
@@ -57,7 +81,7 @@ class CifarResNetStem(nn.Module):
         init_resnet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.layer1(bn_relu(self.bn1, self.conv1(x)))
 
 
 class CifarResNetBranch(nn.Module):
@@ -90,6 +114,6 @@ def register_cifar_resnet(name: str, block: Block, layers: List[int]) -> None:
     ))
 
 
-register_cifar_resnet("resnet32", BasicBlock, [5, 5, 5])
-register_cifar_resnet("resnet56", BasicBlock, [9, 9, 9])
-register_cifar_resnet("resnet110", Bottleneck, [12, 12, 12])
+register_cifar_resnet("resnet32", FusableBasicBlock, [5, 5, 5])
+register_cifar_resnet("resnet56", FusableBasicBlock, [9, 9, 9])
+register_cifar_resnet("resnet110", FusableBottleneck, [12, 12, 12])

@@ -15,6 +15,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
+from .fused import bn_relu
 from .registry import ArchSpec, register_arch
 
 
@@ -38,8 +39,8 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu1(self.bn1(x))
-        out = self.conv2(self.relu2(self.bn2(self.conv1(pre))))
+        pre = bn_relu(self.bn1, x)
+        out = self.conv2(bn_relu(self.bn2, self.conv1(pre)))
         identity = x if self.shortcut is None else self.shortcut(pre)
         return out + identity
 
@@ -98,7 +99,7 @@ class WRNBranch(nn.Module):
         init_wrn_weights(self, zero_linear_bias)
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.relu(self.bn(self.block3(self.block2(x))))
+        out = bn_relu(self.bn, self.block3(self.block2(x)))
         feature = torch.flatten(self.avgpool(out), 1)
         return self.fc(feature), feature
 

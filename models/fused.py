@@ -1,0 +1,162 @@
+"""BatchNorm + (residual add) + ReLU as one op on the CPU fast path.
+
+``bn_relu(bn, x, residual)`` is what the CIFAR networks call where they had
+``relu(bn(x) [+ residual])``. Eager PyTorch runs that as two or three passes over memory, each
+reading and writing the whole activation, and its channels_last BatchNorm is slow for the
+16-channel layers of the CIFAR ResNets; on the fast path (bf16, channels_last, CPU) those ops
+were about a third of a training step. The kernel in ``csrc/bn_relu_cpu.cpp`` does the
+statistics in one pass and the normalisation, the residual add and the ReLU in a second (and
+the backward in two), and is several times faster on those shapes (README, Speed).
+
+The fused op runs only when all of these hold, otherwise the eager ops run, unchanged:
+training mode with running statistics and a momentum; a CPU bfloat16 channels_last 4-D input
+(what autocast + ``--channels-last`` give) with a multiple of 16 channels; the residual, if
+any, of the same kind; a CPU with AVX-512 BF16; the kernel built. The float32 path (the
+paper's protocol) never uses it. It is built with torch.utils.cpp_extension on first use
+(about 20 s, then cached; it needs a C++ compiler and ninja); if that fails, one warning and
+the eager ops. ``MCL_FUSED_BN=0`` in the environment turns it off (for A/B timing).
+
+Maths (the eager one): y = relu((x - mean) * invstd * weight + bias [+ residual]) with the
+batch mean and biased variance; running_mean / running_var move by ``momentum`` towards the
+batch mean and the unbiased variance, and ``num_batches_tracked`` counts the step.
+"""
+import logging
+import os
+import sys
+import threading
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bn_relu_cpu.cpp")
+# -fopenmp: at::parallel_for is a header template; without it the kernel would run on one thread.
+_CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
+_LANES = 16
+
+_kernel: Any = None
+_kernel_tried = False
+_lock = threading.Lock()
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
+    except OSError:
+        pass
+    return False
+
+
+def _build() -> Any:
+    """Compile (or load from torch's extension cache) the kernel."""
+    # Importing cpp_extension logs a CUDA_HOME guess on CPU-only installs: not the user's business here.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        logger.setLevel(level)
+    return load("mcl_bn_relu_cpu", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def fused_kernel() -> Any:
+    """The compiled extension, or None (disabled, unsupported CPU, or the build failed: warned once)."""
+    global _kernel, _kernel_tried
+    if _kernel_tried:
+        return _kernel
+    with _lock:
+        if _kernel_tried:
+            return _kernel
+        reason = None
+        if os.environ.get("MCL_FUSED_BN", "1") == "0":
+            reason = ""
+        elif sys.platform != "linux" or not _cpu_has_avx512_bf16():
+            reason = ""  # nothing to warn about: this CPU has no bf16 vector unit to use
+        else:
+            try:
+                _kernel = _build()
+            except Exception as exc:  # no compiler, no ninja, ...: the eager ops still work
+                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        if reason:
+            warnings.warn(f"fused BatchNorm+ReLU kernel not built ({reason}); the eager ops run instead "
+                          "(a little slower). It needs a C++ compiler and ninja (pip install ninja).", stacklevel=3)
+        _kernel_tried = True
+        return _kernel
+
+
+def _fits(t: torch.Tensor) -> bool:
+    return (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
+            and t.size(1) % _LANES == 0 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def can_fuse(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    if not (bn.training and bn.track_running_stats and bn.momentum is not None and bn.affine):
+        return False
+    if type(bn) is not nn.BatchNorm2d or not _fits(x) or x.numel() == 0:
+        return False
+    if residual is not None and (residual.shape != x.shape or not _fits(residual)):
+        return False
+    return fused_kernel() is not None
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) channels_last -> the same memory as a contiguous (N, H, W, C)."""
+    return t.permute(0, 2, 3, 1)
+
+
+def _images(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        y, mean, invstd, var, scale, offset = fused_kernel().forward(
+            _rows(x), None if residual is None else _rows(residual), weight.detach(), bias.detach(), eps)
+        count = x.numel() // x.size(1)
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var * (count / max(count - 1, 1)), alpha=momentum)
+        # With a residual the ReLU mask must come from y; without, the backward recomputes it
+        # from x (one stream less to read), so y is not kept for it.
+        ctx.save_for_backward(x, y if residual is not None else None, mean, invstd, weight, scale, offset)
+        return _images(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, mean, invstd, weight, scale, offset = ctx.saved_tensors
+        grad_rows = _rows(grad.contiguous(memory_format=torch.channels_last))
+        dx, dweight, dbias, dz = fused_kernel().backward(grad_rows, _rows(x), y, mean, invstd, weight.detach(),
+                                                         scale, offset)
+        d_residual = _images(dz) if y is not None else None
+        return _images(dx), d_residual, dweight, dbias, None, None, None, None
+
+
+def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``relu(bn(x) + residual)`` (``relu(bn(x))`` without a residual): fused when it can be, else eager.
+
+    x, residual: (N, C, H, W). The eager ops are exactly the networks' own: BatchNorm, in-place
+    add, in-place ReLU.
+    """
+    if can_fuse(bn, x, residual):
+        bn.num_batches_tracked.add_(1)
+        return _BatchNormReLU.apply(x, residual, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                    float(bn.momentum), float(bn.eps))
+    out = bn(x)
+    if residual is not None:
+        out += residual
+    return torch.relu_(out)
+
+
+def eager_bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The eager ops alone (tests and A/B timing)."""
+    out = bn(x)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out)
