@@ -4,16 +4,16 @@ Submodule names follow torchvision so that stripping the ``stem.`` / ``branch.``
 prefix of a SplitNet's state_dict gives torchvision's keys:
 stem = conv1, bn1, relu, maxpool, layer1, layer2; branch = layer3, layer4, avgpool, fc.
 Init as torchvision (zero_init_residual=False): convs Kaiming normal (fan_out, relu),
-BN weight 1 / bias 0, Linear at PyTorch's default.
+BN weight 1 / bias 0, Linear at PyTorch's default. BN + ReLU pairs go through
+models.fused.bn_relu (eager ops, fused only on the CPU bf16 fast path).
 """
 from typing import List, Tuple
 
 import torch
 import torch.nn as nn
-from torchvision.models.resnet import BasicBlock
-
+from .fused import bn_relu
 from .registry import ArchSpec, register_arch
-from .resnet_cifar import init_resnet_weights, make_stage
+from .resnet_cifar import FusableBasicBlock as BasicBlock, init_resnet_weights, make_stage
 
 FEATURE_DIM = 512 * BasicBlock.expansion
 
@@ -32,7 +32,7 @@ class ImageNetResNetStem(nn.Module):
         init_resnet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         return self.layer2(self.layer1(x))
 
 

@@ -16,7 +16,7 @@ from torchvision.models.resnet import BasicBlock
 from models import fused
 from models.resnet_cifar import FusableBasicBlock
 
-SHAPES = [(8, 16, 12, 12), (4, 32, 8, 8), (2, 64, 4, 4)]
+SHAPES = [(8, 16, 12, 12), (4, 32, 8, 8), (2, 64, 4, 4), (3, 128, 5, 3)]
 
 
 def needs_kernel():
@@ -167,3 +167,10 @@ def test_a_failed_build_warns_once_and_runs_eager(monkeypatch):
         y = fused.bn_relu(bn, x)
     assert torch.equal(y, fused.eager_bn_relu(nn.BatchNorm2d(16), x))
     assert fused.fused_kernel() is None  # no second attempt, no second warning
+
+
+def test_one_value_per_channel_is_left_to_eager():
+    bn = nn.BatchNorm2d(16)
+    assert not fused.can_fuse(bn, channels_last_bf16(torch.randn(1, 16, 1, 1)), None)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused.bn_relu(bn, channels_last_bf16(torch.randn(1, 16, 1, 1)))
