@@ -110,10 +110,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 2, 3, 1)
 
 
-def _images(t: torch.Tensor) -> torch.Tensor:
-    return t.permute(0, 3, 1, 2)
-
-
 class _BatchNormReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, momentum: float, eps: float):
@@ -126,16 +122,15 @@ class _BatchNormReLU(torch.autograd.Function):
         # With a residual the ReLU mask must come from y; without, the backward recomputes it
         # from x (one stream less to read), so y is not kept for it.
         ctx.save_for_backward(x, y if residual is not None else None, mean, invstd, weight, scale, offset)
-        return _images(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
         x, y, mean, invstd, weight, scale, offset = ctx.saved_tensors
         grad_rows = _rows(grad.contiguous(memory_format=torch.channels_last))
-        dx, dweight, dbias, dz = fused_kernel().backward(grad_rows, _rows(x), y, mean, invstd, weight.detach(),
-                                                         scale, offset)
-        d_residual = _images(dz) if y is not None else None
-        return _images(dx), d_residual, dweight, dbias, None, None, None, None
+        dx, dweight, dbias, dz = fused_kernel().backward(grad_rows, _rows(x), None if y is None else _rows(y), mean,
+                                                         invstd, weight.detach(), scale, offset)
+        return dx, (dz if y is not None else None), dweight, dbias, None, None, None, None
 
 
 def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:

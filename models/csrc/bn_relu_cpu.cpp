@@ -62,6 +62,14 @@ void channel_sums(int64_t M, int64_t C, std::vector<double>& first, std::vector<
   }
 }
 
+// A new (N, C, H, W) channels_last tensor laid out like the (N, H, W, C) rows ``like``: the
+// kernels write it through its data pointer, and the caller gets a plain channels_last
+// tensor, not a permuted view (autograd can then sum gradients into it in place).
+torch::Tensor new_images_like(const torch::Tensor& like) {
+  return at::empty({like.size(0), like.size(3), like.size(1), like.size(2)},
+                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
 void check_rows(const torch::Tensor& t, int64_t C, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.is_contiguous() && t.size(-1) == C,
               name, " must be a contiguous bfloat16 (..., C) tensor");
@@ -69,8 +77,8 @@ void check_rows(const torch::Tensor& t, int64_t C, const char* name) {
 
 }  // namespace
 
-// x, residual: (N, H, W, C) bf16 contiguous. Returns (y, mean, invstd, biased var, scale, offset),
-// float32 per channel; y = relu(x * scale + offset [+ residual]).
+// x, residual: (N, H, W, C) bf16 contiguous. Returns (y, mean, invstd, biased var, scale, offset):
+// y (N, C, H, W) channels_last = relu(x * scale + offset [+ residual]), the rest float32 (C,).
 std::vector<torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor gamma,
                                    torch::Tensor beta, double eps) {
   const int64_t C = x.size(-1), M = x.numel() / C;
@@ -112,7 +120,7 @@ std::vector<torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor>
     offset[c] = static_cast<float>(be[c] - m * is * g[c]);
   }
 
-  auto y = torch::empty_like(x);
+  auto y = new_images_like(x);
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   const at::BFloat16* rp = has_residual ? residual->data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, M, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
@@ -135,7 +143,8 @@ std::vector<torch::Tensor> forward(torch::Tensor x, c10::optional<torch::Tensor>
 // dy, x: (N, H, W, C) bf16 contiguous. The ReLU mask is y > 0: read from y when there was a
 // residual (y given), else recomputed as x * scale + offset > 0 with forward's own scale and
 // offset, the very value whose sign made y. Returns (dx, dgamma, dbeta, dz); dz = the masked dy
-// (the residual's gradient) when y is given, else an empty tensor.
+// (the residual's gradient) when y is given, else an empty tensor. dx, dz: (N, C, H, W)
+// channels_last. y, when given, is the forward's (N, C, H, W) channels_last output.
 std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor x, c10::optional<torch::Tensor> y_opt,
                                     torch::Tensor mean, torch::Tensor invstd, torch::Tensor gamma,
                                     torch::Tensor fwd_scale, torch::Tensor fwd_offset) {
@@ -182,8 +191,8 @@ std::vector<torch::Tensor> backward(torch::Tensor dy, torch::Tensor x, c10::opti
     proj[c] = static_cast<float>(sum_dz_xc[c] / M * is[c] * is[c]);
   }
 
-  auto dx = torch::empty_like(x);
-  auto dz = want_dz ? torch::empty_like(x) : torch::Tensor();
+  auto dx = new_images_like(x);
+  auto dz = want_dz ? new_images_like(x) : torch::Tensor();
   at::BFloat16* dxp = dx.data_ptr<at::BFloat16>();
   at::BFloat16* dzp = want_dz ? dz.data_ptr<at::BFloat16>() : nullptr;
   at::parallel_for(0, M, kRowsPerBlock, [&](int64_t r0, int64_t r1) {
