@@ -6,7 +6,7 @@ stride on the 3x3 conv, 1x1 conv + BN shortcut when the shape changes), which is
 exactly what the original copied; their BN + ReLU pairs go through models.fused.bn_relu
 (the same eager ops, fused only on the CPU bf16 fast path).
 
-Split: stem = conv1, bn1, relu, layer1; branch = layer2, layer3, avgpool, classifier.
+Split: stem = conv1, bn1, layer1; branch = layer2, layer3, avgpool, classifier.
 Init (both topologies): convs Kaiming normal (fan_out, relu), BN weight 1 / bias 0,
 Linear left at PyTorch's default.
 """
@@ -75,7 +75,6 @@ class CifarResNetStem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, STEM_WIDTH, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM_WIDTH)
-        self.relu = nn.ReLU(inplace=True)
         self.layer1 = make_stage(block, STEM_WIDTH, STAGE_WIDTHS[0], layers[0], stride=1)
         self.out_channels = STAGE_WIDTHS[0] * block.expansion
         init_resnet_weights(self)

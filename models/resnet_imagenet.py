@@ -2,7 +2,7 @@
 
 Submodule names follow torchvision so that stripping the ``stem.`` / ``branch.``
 prefix of a SplitNet's state_dict gives torchvision's keys:
-stem = conv1, bn1, relu, maxpool, layer1, layer2; branch = layer3, layer4, avgpool, fc.
+stem = conv1, bn1, maxpool, layer1, layer2; branch = layer3, layer4, avgpool, fc (ReLU has no state).
 Init as torchvision (zero_init_residual=False): convs Kaiming normal (fan_out, relu),
 BN weight 1 / bias 0, Linear at PyTorch's default. BN + ReLU pairs go through
 models.fused.bn_relu (eager ops, fused only on the CPU bf16 fast path).
@@ -25,7 +25,6 @@ class ImageNetResNetStem(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = make_stage(BasicBlock, 64, 64, layers[0], stride=1)
         self.layer2 = make_stage(BasicBlock, 64, 128, layers[1], stride=2)

@@ -4,7 +4,7 @@ Layout: 3x3 conv 3->16 without BN, three stages of (d-4)/6 pre-activation blocks
 width 16k/32k/64k with strides 1/2/2, final BN + ReLU, global average pool (8x8 at
 32x32 input), Linear. Dropout is 0 in the original, so there is none here.
 
-Split: stem = conv1, block1; branch = block2, block3, bn, relu, avgpool, fc.
+Split: stem = conv1, block1; branch = block2, block3, bn, avgpool, fc.
 Init, as the original: convs N(0, sqrt(2 / (k*k*out))) (this is Kaiming normal with
 fan_out and relu, which the branched model names explicitly), BN weight 1 / bias 0;
 the independent networks also zero the Linear bias, the branched model leaves it at
@@ -29,10 +29,8 @@ class PreActBlock(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
-        self.relu1 = nn.ReLU(inplace=True)
         self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
-        self.relu2 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
         self.shortcut = None
         if in_planes != out_planes:
@@ -92,7 +90,6 @@ class WRNBranch(nn.Module):
         self.block2 = make_stage(16 * widen_factor, 32 * widen_factor, n, stride=2)
         self.block3 = make_stage(32 * widen_factor, 64 * widen_factor, n, stride=2)
         self.bn = nn.BatchNorm2d(64 * widen_factor)
-        self.relu = nn.ReLU(inplace=True)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.feature_dim = 64 * widen_factor
         self.fc = nn.Linear(self.feature_dim, num_classes)
