@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,28 +65,33 @@ def _build() -> Any:
     return load("mcl_bn_relu_cpu", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
+def _load() -> Tuple[Any, Optional[str]]:
+    """(kernel or None, what to warn about or None): None without a warning when switched off or
+    when the CPU has no bf16 vector unit to use."""
+    if os.environ.get("MCL_FUSED_BN", "1") == "0":
+        return None, None
+    if sys.platform != "linux" or not _cpu_has_avx512_bf16():
+        return None, None
+    try:
+        return _build(), None
+    except Exception as exc:  # no compiler, no ninja, ...: the eager ops still work
+        lines = str(exc).strip().splitlines()
+        return None, f"{type(exc).__name__}: {lines[-1] if lines else ''}"
+
+
 def fused_kernel() -> Any:
     """The compiled extension, or None (disabled, unsupported CPU, or the build failed: warned once)."""
     global _kernel, _kernel_tried
     if _kernel_tried:
         return _kernel
     with _lock:
-        if _kernel_tried:
-            return _kernel
-        reason = None
-        if os.environ.get("MCL_FUSED_BN", "1") == "0":
-            reason = ""
-        elif sys.platform != "linux" or not _cpu_has_avx512_bf16():
-            reason = ""  # nothing to warn about: this CPU has no bf16 vector unit to use
-        else:
-            try:
-                _kernel = _build()
-            except Exception as exc:  # no compiler, no ninja, ...: the eager ops still work
-                reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
-        if reason:
-            warnings.warn(f"fused BatchNorm+ReLU kernel not built ({reason}); the eager ops run instead "
-                          "(a little slower). It needs a C++ compiler and ninja (pip install ninja).", stacklevel=3)
-        _kernel_tried = True
+        if not _kernel_tried:
+            _kernel, problem = _load()
+            if problem:
+                warnings.warn(f"fused BatchNorm+ReLU kernel not built ({problem}); the eager ops run instead "
+                              "(a little slower). It needs a C++ compiler and ninja (pip install ninja).",
+                              stacklevel=3)
+            _kernel_tried = True
         return _kernel
 
 
@@ -147,11 +152,3 @@ def bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor
     if residual is not None:
         out += residual
     return torch.relu_(out)
-
-
-def eager_bn_relu(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The eager ops alone (tests and A/B timing)."""
-    out = bn(x)
-    if residual is not None:
-        out = out + residual
-    return torch.relu(out)
