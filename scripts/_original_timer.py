@@ -95,7 +95,7 @@ def main() -> None:
     script = os.path.join(original, "main_cifar.py")
     sys.argv = [script] + argv
     runpy.run_path(script, run_name="__main__")
-    raise SystemExit("error: the original's training ended before the timed steps were done")
+    raise SystemExit("the original's training ended before the timed steps were done")
 
 
 if __name__ == "__main__":

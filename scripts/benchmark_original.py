@@ -57,13 +57,7 @@ CLASSES = 100
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--original", required=True, help="a checkout of github.com/winycg/MCL")
-    p.add_argument("--arch", default="resnet32", help="any CIFAR architecture both codes have (case is matched)")
-    p.add_argument("--number-net", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--alpha", type=float, default=0.1)
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lam", type=float, default=1.0)
+    benchmark.add_cohort_args(p, arch_help="any CIFAR architecture both codes have (case is matched)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per round and mode")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (each original run, "
                                                          "and once per project mode)")
@@ -123,16 +117,21 @@ def original_commit(path: str) -> Optional[str]:
         out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30)
     except OSError:
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+SHARED_OPTIONS = ("arch", "number_net", "batch_size", "alpha", "gamma", "beta", "lam", "steps", "warmup", "repeats",
+                  "seed")
 
 
 def benchmark_args(args: argparse.Namespace) -> argparse.Namespace:
     """scripts/benchmark.py's options for the same configuration (its defaults elsewhere)."""
-    return benchmark.build_parser().parse_args([
-        "--arch", args.arch, "--number-net", str(args.number_net), "--batch-size", str(args.batch_size),
-        "--alpha", str(args.alpha), "--gamma", str(args.gamma), "--beta", str(args.beta), "--lam", str(args.lam),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-        "--seed", str(args.seed), "--device", "cpu"])
+    options = benchmark.build_parser().parse_args(["--device", "cpu"])
+    for name in SHARED_OPTIONS:
+        setattr(options, name, getattr(args, name))
+    return options
 
 
 def summarize(seconds: List[float], args: argparse.Namespace) -> Dict[str, Any]:
