@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.pipeline import DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, load_arrays
+from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
+                           load_arrays)
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole uint8 set on the device, augmented in batches (same pixels)")
     g.add_argument("--fast", action="store_true",
                    help="the fast path: --amp bf16 --channels-last --data-path tensor")
+    g.add_argument("--train-per-class", type=int, default=0,
+                   help="train on the first N images of each class only (a class-balanced subset, the same "
+                        "for every seed; the test set stays whole); 0 = the whole training set")
     g.add_argument("--synthetic-size", type=int, default=5000,
                    help="--dataset synthetic: training images (test: a fifth)")
     g.add_argument("--synthetic-classes", type=int, default=10, help="--dataset synthetic: classes")
@@ -66,6 +70,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     if args.epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
+    if args.train_per_class < 0:
+        raise ConfigError(f"--train-per-class must be 0 (all) or positive (got {args.train_per_class})")
     for flag, value in (("--synthetic-size", args.synthetic_size), ("--synthetic-classes", args.synthetic_classes),
                         ("--synthetic-test-size", args.synthetic_test_size)):
         if value is not None and value < 1:
@@ -87,8 +93,9 @@ def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_
 
 def load_data(args: argparse.Namespace) -> ArrayData:
     """The training and test arrays --dataset names (generated for synthetic)."""
-    return load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
+    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
                        synthetic_test_size=args.synthetic_test_size)
+    return class_balanced_subset(data, args.train_per_class) if args.train_per_class else data
 
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:

@@ -53,6 +53,23 @@ def load_arrays(dataset: str, root: str, synthetic_size: int = 5000, synthetic_c
     return ArrayData(xtr, ytr, xte, yte, cifar_num_classes(dataset), stats["mean"], stats["std"])
 
 
+def class_balanced_subset(data: ArrayData, per_class: int) -> ArrayData:
+    """The first ``per_class`` training images of every class, in file order (the test set is kept whole).
+
+    Deterministic and independent of the seed, so runs of different seeds and methods see the
+    same images. ConfigError if a class has fewer than ``per_class`` images.
+    """
+    labels = data.train_labels
+    counts = np.bincount(labels, minlength=data.num_classes)
+    if per_class > counts.min():
+        raise ConfigError(f"--train-per-class {per_class} is more than the smallest class has "
+                          f"({int(counts.min())} images)")
+    keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(data.num_classes)])
+    keep.sort()
+    return ArrayData(data.train_images[keep], labels[keep], data.test_images, data.test_labels,
+                     data.num_classes, data.mean, data.std)
+
+
 def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_batch_size: int, m_per_class: int,
                         visit_all: bool, seed: int, rank: int, world_size: int, device: torch.device,
                         num_workers: int, channels_last: bool) -> Tuple[Any, Any]:

@@ -35,6 +35,7 @@ Metrics (from metrics.jsonl, summary.json only as a fallback):
   paper  best single network at its best epoch: max over epochs of the best
          network's test top-1 (what the paper's tables and the original report)
   last   last-epoch test top-1 averaged over the networks of the cohort
+  ensemble  last-epoch test top-1 of the ensemble (mean of the networks' logits)
 
 A run without summary.json is unfinished: it is listed under the table with its
 progress and left out of the means unless --include-unfinished (cells marked *).
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directories, folders holding run directories, or globs of them")
     parser.add_argument("--metric", choices=tuple(results.METRIC_DESCRIPTIONS), default="paper",
                         help="paper: best single network at its best epoch; "
-                             "last: last-epoch mean over networks")
+                             "last: last-epoch mean over networks; ensemble: last-epoch ensemble")
     parser.add_argument("--csv", action="store_true", help="write CSV (one line per cell) instead of markdown")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--include-unfinished", action="store_true",

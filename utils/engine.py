@@ -95,7 +95,7 @@ class CohortWithHeads(nn.Module):
         logits, features = self.cohort(x)
         if self.heads is None:
             return logits, features, None
-        embeddings = [head(f.float()) for head, f in zip(self.heads, features)]
+        embeddings = [head(f) for head, f in zip(self.heads, features)]  # float32 (ProjectionHead)
         return logits, features, embeddings
 
 
