@@ -41,14 +41,44 @@ def encoder_names() -> List[str]:
     return sorted(n for n in names if n.startswith(ENCODER_FAMILIES))
 
 
+class Float32Linear(nn.Linear):
+    """An ``nn.Linear`` that computes in float32 even inside an autocast region (same state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class Float32Sequential(nn.Sequential):
+    """An ``nn.Sequential`` whose layers compute in float32 even inside an autocast region."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+def float32_linear(linear: nn.Linear) -> Float32Linear:
+    """``linear``'s weights in a :class:`Float32Linear` (built without drawing random numbers)."""
+    out = nn.utils.skip_init(Float32Linear, linear.in_features, linear.out_features, bias=linear.bias is not None)
+    out.load_state_dict(linear.state_dict())
+    return out
+
+
 def build_encoder(arch: str, dim: int, mlp: bool) -> nn.Module:
-    """torchvision ``arch`` with ``fc`` -> ``dim`` outputs (MoCo v2 MLP head if ``mlp``)."""
+    """torchvision ``arch`` with ``fc`` -> ``dim`` outputs (MoCo v2 MLP head if ``mlp``).
+
+    The ``fc`` head (projection) computes in float32 even under ``--amp``: its output is
+    L2-normalised and compared with the queue at temperature 0.07, where bfloat16 rounding
+    would blur the logits. The backbone runs in the autocast precision.
+    """
     if arch not in encoder_names():
         raise ConfigError(f"unknown encoder architecture {arch!r}; choose one of: {', '.join(encoder_names())}")
     encoder = tv_models.get_model(arch, weights=None, num_classes=dim)
     if mlp:
         hidden = encoder.fc.in_features
-        encoder.fc = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), encoder.fc)
+        encoder.fc = Float32Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), encoder.fc)
+    else:
+        encoder.fc = float32_linear(encoder.fc)
     return encoder
 
 
