@@ -18,11 +18,12 @@ from utils.args import HelpFormatter, add_common_additions, add_original_trainin
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
-from utils.engine import Batch, Objective, Precision, Trainer
+from utils.precision import Precision
+from utils.supervised import Batch, Objective
 from utils.errors import ConfigError
 from utils.logging import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, loop_config,
-                       plan_supervised_run, run_in_process_group, start_description, validate_cohort_args)
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
+                       run_in_process_group, start_description, supervised_loop, validate_cohort_args)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -139,16 +140,13 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
     meta = {"script": "main_cifar", "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
-    trainer = Trainer(model, optimizer, objective, InBatchContrast(args.tau, args.kd_T), train_data, test_data,
-                      ctx, loop_config(args), Precision(args.amp, args.channels_last), logger, plan.run_dir, meta,
-                      to_batch)
-    if plan.ckpt is not None:
-        trainer.restore(plan.ckpt)
+    loop = supervised_loop(args, ctx, plan, model, optimizer, objective, InBatchContrast(args.tau, args.kd_T),
+                           train_data, test_data, to_batch, logger, meta)
     if ctx.is_main:
         logger.write_config(config)
-        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, trainer)}; {data.num_classes} "
+        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
                     f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images")
-    return trainer.fit()
+    return loop.fit()
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from utils.args import HelpFormatter, add_common_additions, add_original_trainin
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
-from utils.engine import Batch, Objective, Precision, Trainer
+from utils.precision import Precision
+from utils.supervised import Batch, Objective
 from utils.errors import CheckpointError, ConfigError, DatasetError
 from utils.logging import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, loop_config,
-                       plan_supervised_run, run_in_process_group, start_description, validate_cohort_args)
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
+                       run_in_process_group, start_description, supervised_loop, validate_cohort_args)
 
 SCRIPT = "main_imagenet"
 
@@ -169,19 +170,17 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     config = run_config(args, plan.topology, info, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": info.num_classes}
-    trainer = Trainer(model, optimizer, objective, contrast, train_data, val_data, ctx, loop_config(args),
-                      Precision(args.amp, args.channels_last), logger, plan.run_dir, meta, to_batch)
-    if plan.ckpt is not None:
-        trainer.restore(plan.ckpt)
+    loop = supervised_loop(args, ctx, plan, model, optimizer, objective, contrast, train_data, val_data, to_batch,
+                           logger, meta)
     if ctx.is_main:
         logger.write_config(config)
         banks = ""
         if contrast is not None:
             size = args.number_net * info.n_data * args.feat_dim * 4 / 2 ** 20
             banks = f"; memory banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB)"
-        logger.text(f"{start_description(cohort, args.image_size, ctx, plan.run_dir, plan, trainer)}; "
+        logger.text(f"{start_description(cohort, args.image_size, ctx, plan.run_dir, plan, loop)}; "
                     f"{info.num_classes} classes, {info.n_data} train / {len(val_data.dataset)} val images{banks}")
-    return trainer.fit()
+    return loop.fit()
 
 
 if __name__ == "__main__":

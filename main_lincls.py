@@ -22,21 +22,21 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from data.moco_aug import ShuffledBatchSampler, center_crop_transform, image_folder, linear_train_transform
-from data.samplers import ShardedEvalSampler
 from models.moco import encoder_names
 from models.pretrained import backbone_state, read_pretrained
 from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
-from utils.engine import validate_precision
-from utils.epoch_loop import already_finished, prepare_run_dir, wrap_ddp
+from data.samplers import SamplerControlledLoader, ShardedEvalSampler
 from utils.errors import CheckpointError, ConfigError
-from utils.launch import GracefulStop, launch, node_share, run_in_group
-from utils.lincls import LinearRun, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
+from utils.launch import launch, node_share, run_in_group
+from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.logging import RunLogger
-from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
-from utils.run import configure_determinism, load_for_run, resolve_resume
+from utils.loop import RunLoop, already_finished, wrap_ddp
+from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one, loop_config
+from utils.precision import Precision, validate_precision
+from utils.run import configure_determinism, load_for_run, prepare_run_dir, resolve_resume
 
 DEFAULT_ARCH = "resnet50"
 
@@ -84,10 +84,11 @@ def build_loaders(args, ctx, batch: int, workers: int, seed: int):
         raise ConfigError(f"{args.data}/train and {args.data}/val have different class folders")
     sampler = ShuffledBatchSampler(len(train_set), batch, ctx.rank, ctx.world_size, seed, drop_last=False)
     pin = ctx.device.type == "cuda"
-    train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin)
+    train_loader = SamplerControlledLoader(
+        torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin), sampler)
     val_loader = torch.utils.data.DataLoader(val_set, batch_size=batch, num_workers=workers, pin_memory=pin,
                                              sampler=ShardedEvalSampler(len(val_set), ctx.rank, ctx.world_size))
-    return train_loader, sampler, val_loader, len(train_set.classes)
+    return train_loader, val_loader, len(train_set.classes)
 
 
 def pretrained_backbone(args) -> Tuple[Optional[Dict[str, torch.Tensor]], str, str]:
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     if not args.evaluate and already_finished(ckpt, args.epochs, resume_path, ctx.is_main):
         return 0
     state, arch, what = pretrained_backbone(args)
-    train_loader, sampler, val_loader, num_classes = build_loaders(args, ctx, batch, workers, seed)
+    train_loader, val_loader, num_classes = build_loaders(args, ctx, batch, workers, seed)
     model = prepare_model(arch, state, num_classes, args.pretrained)
     if ckpt is not None and (ckpt.get("arch") != arch or ckpt.get("num_classes") != num_classes):
         raise CheckpointError(f"{resume_path} is a {ckpt.get('arch')} with {ckpt.get('num_classes')} classes; "
@@ -137,14 +138,18 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     meta = {"script": "main_lincls", "config": config, "arch": arch, "number_net": 1,
             "topology": "independent", "num_classes": num_classes, "net_index": args.net_index}
-    runner = LinearRun(args, ctx, model, ddp_model, optimizer, train_loader, sampler, val_loader, reference,
-                       logger, run_dir, meta, stop=GracefulStop())
+    precision = Precision(args.amp, args.channels_last)
+    method = LinearMethod(model, ddp_model, val_loader, reference, ctx, precision, args.max_eval_batches,
+                          {"net_index": args.net_index, "pretrained": args.pretrained})
+    runner = RunLoop(method, optimizer, train_loader, ctx, loop_config(args), precision, logger, run_dir, meta,
+                     sampler_seed=seed)
+    runner.state.epoch = args.start_epoch
     if ckpt is not None:
         runner.restore(ckpt)
         if not args.pretrained:  # random backbone: the reference is the one the run has trained with
-            runner.reference = frozen_snapshot(model)
+            method.reference = frozen_snapshot(model)
     if args.evaluate:
-        result = evaluate(model, val_loader, ctx, args.max_eval_batches, runner.precision)
+        result = evaluate(model, val_loader, ctx, args.max_eval_batches, precision)
         if ctx.is_main:
             print(f" * Acc@1 {result['top1'][0]:.3f} Acc@5 {result['top5'][0]:.3f} ({arch}, {what})")
         return 0

@@ -30,14 +30,15 @@ from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
-from utils.engine import validate_precision
-from utils.epoch_loop import already_finished, prepare_run_dir, wrap_ddp
+from data.samplers import SamplerControlledLoader
 from utils.errors import ConfigError
-from utils.launch import GracefulStop, launch, node_share, run_in_group
+from utils.launch import launch, node_share, run_in_group
 from utils.logging import RunLogger
-from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
-from utils.moco_engine import MocoRun, load_resume_checkpoint, sampler_seed_for
-from utils.run import configure_determinism, resolve_resume
+from utils.loop import RunLoop, already_finished, wrap_ddp
+from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one, loop_config
+from utils.moco_pretrain import MocoMethod, load_resume_checkpoint, sampler_seed_for
+from utils.precision import Precision, validate_precision
+from utils.run import configure_determinism, prepare_run_dir, resolve_resume
 
 
 # ============================================================================ flags
@@ -91,7 +92,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 # ============================================================================ data
 
 def build_train_loader(args: argparse.Namespace, ctx: du.DistContext, batch: int, workers: int,
-                       sampler_seed: int) -> Tuple[torch.utils.data.DataLoader, ShuffledBatchSampler]:
+                       sampler_seed: int) -> SamplerControlledLoader:
     dataset = image_folder(args.data, "train", TwoCropsTransform(moco_augmentation(args.aug_plus, args.image_size)))
     global_batch = batch * ctx.world_size
     if len(dataset) < global_batch:
@@ -100,7 +101,7 @@ def build_train_loader(args: argparse.Namespace, ctx: du.DistContext, batch: int
     sampler = ShuffledBatchSampler(len(dataset), batch, ctx.rank, ctx.world_size, sampler_seed, drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=ctx.device.type == "cuda", persistent_workers=False)
-    return loader, sampler
+    return SamplerControlledLoader(loader, sampler)
 
 
 def build_knn_loaders(args: argparse.Namespace, batch: int, workers: int):
@@ -161,18 +162,22 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     ddp_model = wrap_ddp(model, ctx)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    loader, sampler = build_train_loader(args, ctx, batch, workers, sampler_seed_for(args.seed, ckpt))
+    sampler_seed = sampler_seed_for(args.seed, ckpt)
+    train_data = build_train_loader(args, ctx, batch, workers, sampler_seed)
     knn = build_knn_loaders(args, batch, workers) if args.knn_data and ctx.is_main else None
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     config = run_config(args, ctx, batch)
     meta = {"script": "main_moco_mcl", "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": "independent", "num_classes": args.moco_dim}
-    run = MocoRun(args, ctx, model, ddp_model, optimizer, loader, sampler, knn, logger, run_dir, meta,
-                  stop=GracefulStop())
+    precision = Precision(args.amp, args.channels_last)
+    method = MocoMethod(args, model, ddp_model, ctx.device, precision, knn)
+    loop = RunLoop(method, optimizer, train_data, ctx, loop_config(args), precision, logger, run_dir, meta,
+                   sampler_seed=sampler_seed)
+    loop.state.epoch = args.start_epoch
     if ckpt is not None:
-        run.restore(ckpt)
-    run.announce(config, describe_run(args, ctx, len(loader.dataset), batch), resume_path if ckpt else None)
-    return run.fit()
+        loop.restore(ckpt)
+    loop.announce(config, describe_run(args, ctx, len(train_data.dataset), batch), resume_path if ckpt else None)
+    return loop.fit()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from data.augment import AugmentedBatchSampler, CifarTestDataset, CifarTrainDataset
 from data.cifar import DATASET_STATS, load_cifar, num_classes as cifar_num_classes
-from data.samplers import ForwardsSamplerState, MPerClassBatchSampler, ShardedEvalSampler
+from data.samplers import MPerClassBatchSampler, SamplerControlledLoader, ShardedEvalSampler
 from data.synthetic import SYNTHETIC_STATS, make_synthetic
 from data.tensor_loader import TensorBatchLoader
 from utils.errors import ConfigError
@@ -73,7 +73,7 @@ def class_balanced_subset(data: ArrayData, per_class: int) -> ArrayData:
 def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_batch_size: int, m_per_class: int,
                         visit_all: bool, seed: int, rank: int, world_size: int, device: torch.device,
                         num_workers: int, channels_last: bool) -> Tuple[Any, Any]:
-    """(train data, eval data) for the engine.
+    """(train data, eval data) for the run loop.
 
     The train object iterates this rank's share of every global batch as
     ``(inputs, targets)`` and has set_epoch / set_start_batch / __len__.
@@ -91,7 +91,7 @@ def build_cifar_loaders(data: ArrayData, *, path: str, batch_size: int, eval_bat
     train_loader = torch.utils.data.DataLoader(
         CifarTrainDataset(data.train_images, data.train_labels, data.mean, data.std),
         batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
-    return _SamplerControlledLoader(train_loader, batches), test
+    return SamplerControlledLoader(train_loader, batches), test
 
 
 def build_cifar_eval_loader(data: ArrayData, *, path: str, eval_batch_size: int, rank: int, world_size: int,
@@ -107,17 +107,3 @@ def build_cifar_eval_loader(data: ArrayData, *, path: str, eval_batch_size: int,
         CifarTestDataset(data.test_images, data.test_labels, data.mean, data.std),
         batch_size=eval_batch_size, sampler=ShardedEvalSampler(len(data.test_labels), rank, world_size),
         num_workers=num_workers, pin_memory=device.type == "cuda")
-
-
-class _SamplerControlledLoader(ForwardsSamplerState):
-    """A DataLoader whose epoch and start batch are set through its batch sampler."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, batches: AugmentedBatchSampler) -> None:
-        self.loader = loader
-        self.batch_sampler = batches
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)

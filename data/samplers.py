@@ -15,7 +15,7 @@ set_epoch(same epoch) is safe) and resets it to 0 when the epoch changes.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,9 +56,10 @@ def _choose_positions(rng: np.random.Generator, n: np.ndarray, m: int) -> np.nda
 
 
 class ForwardsSamplerState:
-    """Passes the resume controls to the wrapped ``self.batch_sampler`` (an MPerClassBatchSampler)."""
+    """Passes the resume controls to the wrapped ``self.batch_sampler`` (set_epoch, set_start_batch, and
+    state_dict / load_state_dict where the sampler has them)."""
 
-    batch_sampler: "MPerClassBatchSampler"
+    batch_sampler: Any
 
     def set_epoch(self, epoch: int) -> None:
         self.batch_sampler.set_epoch(epoch)
@@ -72,6 +73,27 @@ class ForwardsSamplerState:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batch_sampler.load_state_dict(state)
 
+
+
+class SamplerControlledLoader(ForwardsSamplerState):
+    """A DataLoader whose epoch and start batch are set through its resumable batch sampler.
+
+    What the run loop iterates: ``len`` is the number of batches left in the epoch.
+    """
+
+    def __init__(self, loader: "torch.utils.data.DataLoader", batch_sampler: Any) -> None:
+        self.loader = loader
+        self.batch_sampler = batch_sampler
+
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
 
 class MPerClassBatchSampler:
     """Yields, per global batch, this rank's list of dataset indices.

@@ -14,7 +14,7 @@ a warm-up, so both see the same machine load; figures are medians over the repea
   SGD Nesterov, and the original's per-step ``.item()`` logging and accuracy counts.
 - ``fast``: exactly what ``main_cifar.py --fast`` runs: the same builders as
   main_cifar.py (data.pipeline with the tensor path, CohortWithHeads in channels_last,
-  build_sgd, InBatchContrast) and the engine's own ``Trainer.train_step`` under
+  build_sgd, InBatchContrast) and the run loop's own ``RunLoop.train_step`` under
   ``Precision("bf16", channels_last=True)``. No re-implementation, so a change to the
   engine changes this number.
 
@@ -62,7 +62,9 @@ from main_cifar import to_batch  # noqa: E402
 from utils.args import HelpFormatter
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
-from utils.engine import CohortWithHeads, LoopConfig, Objective, Precision, Trainer  # noqa: E402
+from utils.loop import LoopConfig, RunLoop  # noqa: E402
+from utils.precision import Precision  # noqa: E402
+from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noqa: E402
 from utils.logging import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
 from utils.run import build_sgd, configure_determinism  # noqa: E402
@@ -211,18 +213,19 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
         data, path="tensor", batch_size=args.batch_size, eval_batch_size=2 * args.batch_size,
         m_per_class=args.m_per_class, visit_all=False, seed=args.seed, rank=0, world_size=1, device=device,
         num_workers=0, channels_last=True)
-    loop = LoopConfig(epochs=1, init_lr=args.init_lr, lr_type="cosine", milestones=(), progress=False)
-    trainer = Trainer(model, optimizer, objective, InBatchContrast(args.tau, args.kd_T), train_data, test_data,
-                      ctx, loop, Precision("bf16", channels_last=True), RunLogger("", enabled=False), "", {},
-                      to_batch)
+    precision = Precision("bf16", channels_last=True)
+    method = SupervisedMethod(model, model, objective, InBatchContrast(args.tau, args.kd_T), test_data, device,
+                              precision, to_batch)
+    config = LoopConfig(epochs=1, init_lr=args.init_lr, lr_type="cosine", milestones=(), progress=False)
+    trainer = RunLoop(method, optimizer, train_data, ctx, config, precision, RunLogger("", enabled=False), "", {})
     model.train()
     stream = endless(train_data, train_data.set_epoch)
 
     def step() -> float:
         tic = time.perf_counter()
-        batch = to_batch(next(stream), device)
+        raw = next(stream)
         data_s = time.perf_counter() - tic
-        trainer.train_step(batch)
+        trainer.train_step(raw)
         return data_s
 
     return step

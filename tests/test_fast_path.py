@@ -73,7 +73,7 @@ def test_fast_path_learns_like_fp32(tmp_path):
 
 
 def test_backward_and_step_through_a_scaler_takes_the_unscaled_step():
-    from utils.engine import backward_and_step
+    from utils.precision import backward_and_step
 
     torch.manual_seed(0)
     x, target = torch.randn(8, 3), torch.randn(8, 2)

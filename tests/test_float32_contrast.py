@@ -13,7 +13,7 @@ from losses.moco import all_pair_logits, moco_mcl_losses
 from models.cohort import build_cohort
 from models.moco import Float32Linear, Float32Sequential, MoCoMCL, build_encoder, float32_linear
 from utils.contrast import MemoryContrast
-from utils.engine import CohortWithHeads
+from utils.supervised import CohortWithHeads
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 

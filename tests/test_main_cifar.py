@@ -95,17 +95,17 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
     script.write_text(
         "import sys, torch, torch.distributed as dist\n"
         f"sys.path.insert(0, {ROOT!r})\n"
-        "import main_cifar, utils.engine as eng\n"
-        "orig = eng.Trainer.fit\n"
+        "import main_cifar, utils.loop as eng\n"
+        "orig = eng.RunLoop.fit\n"
         "def fit(self):\n"
         "    code = orig(self)\n"
-        "    flat = torch.cat([p.detach().flatten() for p in self.model.parameters()])\n"
+        "    flat = torch.cat([p.detach().flatten() for p in self.method.model.parameters()])\n"
         "    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]\n"
         "    dist.all_gather(parts, flat)\n"
         "    assert torch.equal(parts[0], parts[1]), 'ranks differ'\n"
         "    print('RANKS-EQUAL', dist.get_rank(), flush=True)\n"
         "    return code\n"
-        "eng.Trainer.fit = fit\n"
+        "eng.RunLoop.fit = fit\n"
         "main_cifar.main(sys.argv[1:])\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
            *TORCHRUN_ARGS, "--checkpoint-dir", str(tmp_path)]

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 import main_imagenet
-import utils.engine as engine
+import utils.loop as loop
 from data.imagenet_loader import EpochShuffleBatchSampler
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
-from utils.engine import Batch
+from utils.supervised import Batch
 
 torch.set_num_threads(1)
 
@@ -107,29 +107,29 @@ def test_evaluate_the_best_checkpoint(full_run, data_dir, capsys):
 
 
 def test_stopped_and_resumed_run_ends_with_the_same_banks(full_run, data_dir, tmp_path, monkeypatch):
-    original_step = engine.Trainer.train_step
+    original_step = loop.RunLoop.train_step
 
-    def stop_after_two(self, batch):
-        named = original_step(self, batch)
+    def stop_after_two(self, raw):
+        named = original_step(self, raw)
         if self.state.step == 1:  # this is the second step (step counts before the increment)
             self.stop.signum = signal.SIGTERM
         return named
 
-    monkeypatch.setattr(engine.Trainer, "train_step", stop_after_two)
+    monkeypatch.setattr(loop.RunLoop, "train_step", stop_after_two)
     argv = tiny(data_dir, tmp_path, "stopped")
     assert main_imagenet.main(argv) == 0
     stopped = load_checkpoint(str(tmp_path / "stopped" / "checkpoint.pth.tar"))
     assert (stopped["epoch"], stopped["step"], stopped["finished"]) == (0, 2, False)
-    monkeypatch.setattr(engine.Trainer, "train_step", original_step)
+    monkeypatch.setattr(loop.RunLoop, "train_step", original_step)
 
     restored = {}
-    original_restore = engine.Trainer.restore
+    original_restore = loop.RunLoop.restore
 
     def spy_restore(self, ckpt):
         original_restore(self, ckpt)
-        restored["banks"] = [m.clone() for m in self.contrast.memories]
+        restored["banks"] = [m.clone() for m in self.method.contrast.memories]
 
-    monkeypatch.setattr(engine.Trainer, "restore", spy_restore)
+    monkeypatch.setattr(loop.RunLoop, "restore", spy_restore)
     assert main_imagenet.main(argv + ["--resume"]) == 0
     for in_ckpt, in_trainer in zip(banks(stopped), restored["banks"]):
         assert torch.equal(in_ckpt, in_trainer)
@@ -143,20 +143,20 @@ def test_stopped_and_resumed_run_ends_with_the_same_banks(full_run, data_dir, tm
 DDP_WRAPPER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-import main_imagenet, utils.engine as eng
+import main_imagenet, utils.loop as eng
 from losses.memory import init_memory
-orig = eng.Trainer.fit
+orig = eng.RunLoop.fit
 def fit(self):
     code = orig(self)
     assert self.state.finished
-    for n, bank in enumerate(self.contrast.memories):
+    for n, bank in enumerate(self.method.contrast.memories):
         parts = [torch.empty_like(bank) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, bank)
         assert torch.equal(parts[0], parts[1]), 'banks differ'
         assert torch.allclose(bank.norm(dim=1), torch.ones(bank.shape[0]), atol=1e-5), 'a row was never updated'
     print('BANKS-EQUAL', dist.get_rank(), flush=True)
     return code
-eng.Trainer.fit = fit
+eng.RunLoop.fit = fit
 sys.exit(main_imagenet.main(sys.argv[1:]))
 """
 

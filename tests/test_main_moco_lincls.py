@@ -25,7 +25,8 @@ from models.moco import MoCoMCL, pooled_features
 from utils import knn, lincls
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
-from main_moco_mcl import GracefulStop
+import utils.loop
+from utils.loop import StopRequest
 from utils.errors import ConfigError
 
 TINY = ["-a", "resnet18", "-b", "8", "--image-size", "32", "-j", "0", "--device", "cpu", "-p", "1"]
@@ -52,7 +53,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class StopAfterFirstStep(GracefulStop):
+class StopAfterFirstStep(StopRequest):
     """Behaves as if SIGTERM arrived during the first step."""
 
     def agreed(self, device):
@@ -65,7 +66,7 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "20", "--max-train-batches", "2",
                    "--checkpoint", run_dir, "--mlp", "--aug-plus", "--seed", "0", "--number-net", "2",
                    "--knn-data", image_root, "--max-eval-batches", "1"]
-    monkeypatch.setattr(main_moco_mcl, "GracefulStop", StopAfterFirstStep)
+    monkeypatch.setattr(utils.loop, "StopRequest", StopAfterFirstStep)
     assert main_moco_mcl.main(argv) == 0
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
     assert (ckpt["epoch"], ckpt["step"], ckpt["finished"]) == (0, 1, False)

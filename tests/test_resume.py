@@ -220,7 +220,7 @@ def test_kill_9_during_a_save_loop_never_leaves_an_unreadable_checkpoint(tmp_pat
 
 
 def test_non_finite_loss_stops_with_the_terms_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    import utils.engine as engine
+    import utils.supervised as engine
 
     real = engine.compute_loss
     calls = {"n": 0}
@@ -239,5 +239,5 @@ def test_non_finite_loss_stops_with_the_terms_and_keeps_the_checkpoint(tmp_path,
         run_main(main_cifar.main, argv)
     err = capsys.readouterr().err
     assert exc.value.code == 3
-    assert "non-finite loss at epoch 0 step 2" in err and "loss_cls=" in err and "vcl=" in err
+    assert "non-finite loss at epoch 1 step 2" in err and "loss_cls=" in err and "vcl=" in err
     assert load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))["step"] == 2

@@ -77,7 +77,7 @@ def add_original_training_args(
 
 
 def add_precision_args(group: argparse._ArgumentGroup) -> None:
-    """--amp and --channels-last (utils.engine.Precision), for every training script."""
+    """--amp and --channels-last (utils.precision.Precision), for every training script."""
     group.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
                        help="mixed precision (fp16 uses a gradient scaler and needs CUDA)")
     group.add_argument("--channels-last", action="store_true", help="channels_last memory format")

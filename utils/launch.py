@@ -16,7 +16,6 @@ import torch
 import torch.multiprocessing as mp
 
 from utils import distributed as du
-from utils.engine import StopRequest
 from utils.errors import ConfigError, UserError
 
 Worker = Callable[[int, argparse.Namespace, int], Optional[int]]
@@ -84,16 +83,6 @@ def node_share(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> Tu
     batch = per_process(args.batch_size, node_procs, "--batch-size")
     workers = (args.workers + node_procs - 1) // node_procs
     return batch, workers
-
-
-class GracefulStop(StopRequest):
-    """StopRequest that keeps the first signal's name: a SIGTERM forwarded by the launcher
-    after a terminal Ctrl-C does not turn the SIGINT (exit 130) into a SIGTERM (exit 0)."""
-
-    def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGTERM and self.signum is not None:
-            return
-        super()._handle(signum, frame)
 
 
 # ----------------------------------------------------------------------------- several processes

@@ -1,7 +1,6 @@
 """Linear evaluation of main_lincls.py (SPEC section 4): a torchvision classifier with a
 frozen pre-trained backbone (eval mode, BatchNorm statistics too) and a fresh fc; the
 epoch loop, evaluation and the check that no weight outside the fc changed."""
-import math
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -11,10 +10,9 @@ import torchvision.models as tv_models
 
 from models.pretrained import FC_KEYS, load_backbone
 from utils import distributed as du
-from utils.engine import NonFiniteLossError, Precision
-from utils.epoch_loop import EpochLoop, reduced_means
-from utils.logging import read_metrics
-from utils.metrics import AccuracyCounter, SumMeter
+from utils.loop import Method, StepResult
+from utils.metrics import AccuracyCounter, SumMeter, reduced_means
+from utils.precision import Precision
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -86,24 +84,22 @@ def evaluate(model: nn.Module, loader, ctx: du.DistContext, max_batches: int = 0
     return {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the method
 
-class LinearRun(EpochLoop):
-    """Epochs of fc training on a frozen backbone, evaluation, checkpoints, graceful stop.
+class LinearMethod(Method):
+    """Training the fc of a frozen backbone, as a method of the run loop.
 
     ``reference`` is :func:`frozen_snapshot` of the loaded backbone; every epoch checks it.
     """
 
-    def __init__(self, args, ctx, model, ddp_model, optimizer, train_loader, sampler, val_loader,
-                 reference: Dict[str, torch.Tensor], logger, run_dir: str, meta: Dict[str, Any], stop=None) -> None:
-        super().__init__(args, ctx, model, ddp_model, optimizer, train_loader, sampler, logger, run_dir, meta,
-                         num_heads=1, stop=stop)
-        self.val_loader, self.reference = val_loader, reference
+    rank_streams = True  # augmentations differ per rank, also after a resume
 
-    def extra_state(self) -> Dict[str, Any]:
-        return {"net_index": self.args.net_index, "pretrained": self.args.pretrained}
+    def __init__(self, model: nn.Module, ddp_model: nn.Module, val_loader, reference: Dict[str, torch.Tensor],
+                 ctx: du.DistContext, precision: Precision, max_eval_batches: int, extra: Dict[str, Any]) -> None:
+        self.model, self.ddp_model, self.val_loader, self.reference = model, ddp_model, val_loader, reference
+        self.ctx, self.precision, self.max_eval_batches, self.extra = ctx, precision, max_eval_batches, extra
 
-    def set_mode(self) -> None:
+    def train_mode(self) -> None:
         # eval mode: linear evaluation must not touch BatchNorm statistics of the frozen backbone.
         self.ddp_model.eval()
 
@@ -112,54 +108,35 @@ class LinearRun(EpochLoop):
         images = self.precision.prepare_inputs(images.to(self.ctx.device, non_blocking=True))
         return images, targets.to(self.ctx.device, non_blocking=True)
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[Dict[str, float], int]:
-        s = self.state
+    def forward(self, images: torch.Tensor, targets: torch.Tensor) -> StepResult:
         with self.precision.autocast(self.ctx.device):
             logits = self.ddp_model(images).float()
-        loss = F.cross_entropy(logits, targets)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"non-finite loss at epoch {s.epoch} step {s.step}; lower --lr "
-                                     f"(latest good checkpoint: {self.latest_path})")
-        self.optimize(loss)
-        s.train_acc.update([logits.detach()], targets)
-        return {"loss": value}, images.size(0)
+        return StepResult({"loss": F.cross_entropy(logits, targets)}, [logits.detach()], targets)
 
-    def progress_line(self, lr: float, total: int, named: Dict[str, float]) -> str:
-        return f"Epoch: [{self.state.epoch}][{self.state.step}/{total}] lr {lr:.4f} loss {named['loss']:.4f}"
+    def progress_line(self, epoch: int, step: int, total: int, lr: float, named: Dict[str, float], acc) -> str:
+        return f"epoch {epoch + 1} step {step}/{total} lr {lr:.4f} loss {named['loss']:.4f}"
 
-    def end_epoch(self) -> None:
-        s = self.state
-        check_frozen_unchanged(self.model, self.reference)
-        lr = self.optimizer.param_groups[0]["lr"]
-        train = reduced_means(s.train_acc, s.train_meter, ("loss",), self.ctx.device)
-        test = evaluate(self.model, self.val_loader, self.ctx, self.args.max_eval_batches, self.precision)
-        is_best = test["top1"][0] > s.best_acc or s.best_epoch < 0
-        if is_best:
-            s.best_acc, s.best_epoch = test["top1"][0], s.epoch
-        record = {"epoch": s.epoch, "epochs": self.args.epochs, "lr": lr, "time_s": s.elapsed,
-                  "train": train, "test": test, "best_single_top1": test["top1"][0],
-                  "best_acc": s.best_acc, "best_epoch": s.best_epoch}
-        self.next_epoch()
-        self.save()
-        if is_best:
-            self.save(self.best_path)
-        self.logger.log_epoch(record)
-        self.logger.text(f"epoch {record['epoch'] + 1}/{record['epochs']} lr={lr:.4f} loss={train['loss']:.4f} | "
-                         f"test top-1 {test['top1'][0]:.2f} top-5 {test['top5'][0]:.2f} | "
-                         f"best {s.best_acc:.2f} (epoch {s.best_epoch + 1})")
+    def extra_state(self, for_best: bool = False) -> Dict[str, Any]:
+        return dict(self.extra)
 
-    def before_finish(self) -> None:
+    def check(self) -> None:
         check_frozen_unchanged(self.model, self.reference)
 
-    def on_finished(self) -> None:
-        self.logger.text("=> sanity check passed: no weight outside the fc changed")
-        self.logger.write_summary(self.summary())
+    def evaluate(self) -> Tuple[Dict[str, Any], Optional[float]]:
+        test = evaluate(self.model, self.val_loader, self.ctx, self.max_eval_batches, self.precision)
+        return {"test": test, "best_single_top1": test["top1"][0]}, test["top1"][0]
 
-    def summary(self) -> Dict[str, Any]:
-        s = self.state
-        records = read_metrics(self.logger.metrics_path)
+    def format_epoch(self, record: Dict[str, Any]) -> str:
+        test = record["test"]
+        return (f"epoch {record['epoch'] + 1}/{record['epochs']} lr={record['lr']:.4f} "
+                f"loss={record['train']['loss']:.4f} | test top-1 {test['top1'][0]:.2f} top-5 {test['top5'][0]:.2f}"
+                f" | best {record['best_acc']:.2f} (epoch {record['best_epoch'] + 1})")
+
+    def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
+        loop.logger.text("=> sanity check passed: no weight outside the fc changed")
+
+    def summary(self, state: Any, records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
         last = records[-1]["test"] if records else {"top1": [None], "top5": [None]}
-        return {"finished": True, "epochs": self.args.epochs, "best_acc": s.best_acc,
-                "best_epoch": s.best_epoch, "last_top1": last["top1"], "last_top5": last["top5"],
+        return {"finished": True, "epochs": epochs, "best_acc": state.best_acc,
+                "best_epoch": state.best_epoch, "last_top1": last["top1"], "last_top5": last["top5"],
                 "last_mean_top1": last["top1"][0]}

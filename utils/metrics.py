@@ -3,6 +3,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from utils import distributed as du
+
 
 @torch.no_grad()
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> List[int]:
@@ -84,3 +86,26 @@ class AccuracyCounter:
         self._counts = torch.tensor([list(state["top1"]), list(state["top5"])], dtype=torch.long)
         self.num_heads = len(state["top1"])
         self.total = int(state["total"])
+
+
+def reduce_accuracy(counter: AccuracyCounter, device: torch.device, extras: Sequence[float] = ()):
+    """Sum hit counts (and ``extras``) over ranks -> (top1 %, top5 %, total, summed extras)."""
+    packed = torch.tensor(counter.top1 + counter.top5 + [counter.total] + list(extras), dtype=torch.float64,
+                          device=device if device.type == "cuda" else "cpu")  # NCCL needs CUDA tensors
+    du.all_reduce_sum(packed)
+    vals = packed.tolist()
+    n = len(counter.top1)
+    total = max(vals[2 * n], 1.0)
+    return ([100.0 * v / total for v in vals[:n]], [100.0 * v / total for v in vals[n:2 * n]],
+            int(vals[2 * n]), vals[2 * n + 1:])
+
+
+def reduced_means(acc: AccuracyCounter, meter: SumMeter, keys: Sequence[str],
+                  device: torch.device) -> Dict[str, object]:
+    """{key: mean over all ranks' samples for each of ``keys``, "top1": [%], "top5": [%]} in one reduction."""
+    sums = [meter.sums.get(k, 0.0) for k in keys]
+    top1, top5, _, extras = reduce_accuracy(acc, device, sums + [meter.count])
+    count = max(extras[-1], 1.0)
+    record: Dict[str, object] = {k: extras[i] / count for i, k in enumerate(keys)}
+    record.update(top1=top1, top5=top5)
+    return record

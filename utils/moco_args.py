@@ -63,3 +63,12 @@ def check_at_least_one(values: Dict[str, int]) -> None:
     for flag, value in values.items():
         if value < 1:
             raise ConfigError(f"{flag} must be at least 1 (got {value})")
+
+
+def loop_config(args: argparse.Namespace):
+    """The run loop's settings from the flags above (a cosine schedule where the script has --cos)."""
+    from utils.loop import LoopConfig
+
+    return LoopConfig(epochs=args.epochs, init_lr=args.lr, lr_type="cosine" if getattr(args, "cos", False)
+                      else "multistep", milestones=args.schedule, max_train_batches=args.max_train_batches,
+                      progress=False, print_freq=args.print_freq)

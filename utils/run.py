@@ -83,7 +83,7 @@ def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, devic
                           to_batch: Any, max_batches: int, data_description: str, is_main: bool) -> int:
     """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5 of every network and the ensemble."""
     from models import build_cohort
-    from utils.engine import evaluate_cohort
+    from utils.supervised import evaluate_cohort
 
     cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(device)
     cohort.load_state_dict(ckpt["model"])
@@ -127,8 +127,8 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     """
     from models.cohort import parse_arch_names, resolve_topology
     from utils.checkpoint import seed_everything
-    from utils.engine import validate_precision
     from utils.logging import ensure_writable_dir
+    from utils.precision import validate_precision
 
     validate_precision(args.amp, ctx.device)
     if args.threads > 0:
@@ -166,7 +166,7 @@ def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, 
     from models import build_cohort
     from losses.mcl import build_projection_heads
     from utils.checkpoint import seed_everything
-    from utils.engine import CohortWithHeads
+    from utils.supervised import CohortWithHeads
 
     seed_everything(args.manual_seed)
     cohort = build_cohort(args.arch, args.number_net, num_classes, args.cohort)
@@ -178,11 +178,22 @@ def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, 
 
 
 def loop_config(args: Any):
-    from utils.engine import LoopConfig
+    """The run loop's settings from the supervised scripts' flags."""
+    from utils.loop import LoopConfig
 
     return LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
                       save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
-                      max_eval_batches=args.max_eval_batches, progress=not args.no_progress)
+                      progress=not args.no_progress)
+
+
+def prepare_run_dir(path: str) -> None:
+    """Create the --checkpoint directory; ConfigError naming that flag when it is not writable."""
+    from utils.logging import ensure_writable_dir
+
+    try:
+        ensure_writable_dir(path)
+    except ConfigError:
+        raise ConfigError(f"cannot write to {path}; pass a writable --checkpoint directory") from None
 
 
 def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan, trainer: Any) -> str:
@@ -196,3 +207,20 @@ def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str
              if plan.ckpt is not None else "starting")
     return (f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per {input_size}px image; "
             f"{where}; run directory {run_dir}; {start}")
+
+
+def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    objective: Any, contrast: Any, train_data: Any, eval_data: Any, to_batch: Any,
+                    logger: Any, meta: Dict[str, Any]):
+    """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
+    from utils.loop import RunLoop, wrap_ddp
+    from utils.precision import Precision
+    from utils.supervised import SupervisedMethod
+
+    precision = Precision(args.amp, args.channels_last)
+    method = SupervisedMethod(model, wrap_ddp(model, ctx), objective, contrast, eval_data, ctx.device, precision,
+                              to_batch, args.max_eval_batches)
+    loop = RunLoop(method, optimizer, train_data, ctx, loop_config(args), precision, logger, plan.run_dir, meta)
+    if plan.ckpt is not None:
+        loop.restore(plan.ckpt)
+    return loop

@@ -1,0 +1,439 @@
+"""The one run loop of the four scripts: epochs of steps, evaluation, checkpoints, stop and resume.
+
+A training method brings only what is its own, as a :class:`Method`: how a loader batch
+reaches the device, the forward pass and loss of one step (a :class:`StepResult`), its
+evaluation, its extra state (memory banks, queue pointers, ...) and its summary. The
+loop does the rest the same way for every method:
+
+- the learning-rate schedule of each epoch, the epoch's batches from the resumable
+  train data (``set_epoch``, ``set_start_batch``, ``len`` = batches left), progress;
+- one optimizer step (through the fp16 gradient scaler under ``--amp fp16``), the
+  non-finite loss check (one host synchronisation per step reads every logged value);
+- checkpoints: the latest after every epoch, every ``save_every_steps`` steps and on
+  SIGTERM/SIGINT; ``best.pth.tar`` at the best epoch; exact resume at any step;
+- the run directory's metrics.jsonl, log.txt and summary.json.
+
+Epochs are counted from 0 inside (checkpoints, metrics.jsonl) and shown from 1 to people.
+"""
+import itertools
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from utils import distributed as du
+from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
+                              capture_rng_state, restore_rng_state, seed_everything)
+from utils.errors import UserError
+from utils.logging import RunLogger, read_metrics
+from utils.metrics import AccuracyCounter, SumMeter, reduced_means
+from utils.precision import Precision, backward_and_step, make_grad_scaler
+from utils.schedule import lr_at_epoch, set_lr
+
+# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
+# signal right after its N-th training step (counted from the start of the process),
+# to test recovery from kill -9 and graceful stops at a chosen step.
+SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
+
+
+def _debug_signal() -> Optional[Tuple[int, int]]:
+    value = os.environ.get(SIGNAL_ENV)
+    if not value:
+        return None
+    steps, _, name = value.partition(":")
+    return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
+
+
+class NonFiniteLossError(UserError):
+    exit_code = 3
+
+
+@dataclass
+class StepResult:
+    """What one forward pass of a method gives the loop.
+
+    ``terms``: the method's logged values (``Method.terms``), ``loss`` among them, as tensors;
+    ``logits``: detached (B, C) logits whose top-1/top-5 against ``targets`` the epoch's
+    training accuracy counts; ``after_update``: work after the optimizer step (bank update,
+    enqueue), or None.
+    """
+
+    terms: Dict[str, torch.Tensor]
+    logits: List[torch.Tensor]
+    targets: torch.Tensor
+    after_update: Optional[Callable[[], None]] = None
+
+
+class Method:
+    """The parts of a training method the loop calls; see the module docstring.
+
+    ``model`` is the module a checkpoint saves (unwrapped); ``ddp_model`` the one the step runs.
+    """
+
+    terms: Tuple[str, ...] = ("loss",)
+    num_heads: int = 1  # classifiers counted in the training accuracy
+    saves_best: bool = True  # write best.pth.tar at the best epoch
+    rank_streams: bool = False  # give every rank its own RNG stream after a resume (augmentations)
+    lr_flag: str = "--lr"  # named by the non-finite loss message
+
+    model: nn.Module
+    ddp_model: nn.Module
+
+    def train_mode(self) -> None:
+        self.ddp_model.train()
+
+    def to_device(self, raw: Any) -> Tuple[Any, torch.Tensor]:
+        """(inputs, targets) of one loader batch on the training device."""
+        raise NotImplementedError
+
+    def forward(self, inputs: Any, targets: torch.Tensor) -> StepResult:
+        raise NotImplementedError
+
+    def evaluate(self) -> Tuple[Dict[str, Any], Optional[float]]:
+        """After an epoch's training: (what the epoch record adds, e.g. {"test": ...}; the score the
+        best epoch maximises, or None)."""
+        return {}, None
+
+    def check(self) -> None:
+        """Invariants checked after every epoch and before the end (e.g. frozen weights)."""
+
+    def train_record(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """The epoch's reduced training means and accuracies, reshaped for metrics.jsonl."""
+        return record
+
+    def model_state(self) -> Dict[str, Any]:
+        """The checkpoint's "model" and "heads"."""
+        return {"model": self.model.state_dict(), "heads": None}
+
+    def load_model_state(self, ckpt: Dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+
+    def extra_state(self, for_best: bool = False) -> Dict[str, Any]:
+        """The checkpoint's "extra"; ``for_best`` may leave out what evaluation never needs."""
+        return {}
+
+    def load_extra_state(self, extra: Dict[str, Any]) -> None:
+        pass
+
+    def format_epoch(self, record: Dict[str, Any]) -> str:
+        raise NotImplementedError
+
+    def progress_line(self, epoch: int, step: int, total: int, lr: float, named: Dict[str, float],
+                      acc: AccuracyCounter) -> str:
+        top1 = 100.0 * acc.top1[0] / max(acc.total, 1)
+        return (f"epoch {epoch + 1} step {step}/{total} lr {lr:.5f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in named.items()) + f" top-1(net 0) {top1:.2f}")
+
+    def summary(self, state: "RunState", records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
+        return {"finished": True, "epochs": epochs}
+
+    def on_finished(self, loop: "RunLoop", summary: Dict[str, Any]) -> None:
+        """Rank 0, after the final checkpoint and summary.json: last words, extra files."""
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits.
+
+    The first signal's name is kept: a SIGTERM forwarded by a launcher after a terminal
+    Ctrl-C does not turn the SIGINT (exit 130) into a SIGTERM (exit 0). A second Ctrl-C
+    stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None and signum == signal.SIGTERM:
+            return
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, device: torch.device) -> Optional[int]:
+        """The signal seen by any rank (so all ranks stop after the same step)."""
+        if du.world_size() == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        du.all_reduce_max(flag)
+        return int(flag.item()) or None
+
+
+@dataclass
+class LoopConfig:
+    """How the run loop runs (everything but the maths)."""
+
+    epochs: int
+    init_lr: float
+    lr_type: str
+    milestones: Sequence[int]
+    save_every_steps: int = 0
+    max_train_batches: int = 0  # 0 = no cap
+    progress: bool = True  # a tqdm bar when stdout is a terminal
+    print_freq: int = 0  # a progress line every N steps (0 = none)
+
+
+@dataclass
+class RunState:
+    """What a checkpoint restores besides weights and optimizer."""
+
+    epoch: int = 0
+    step: int = 0  # batches of ``epoch`` already done
+    best_acc: float = 0.0
+    best_epoch: int = -1
+    finished: bool = False
+    train_meter: SumMeter = field(default_factory=SumMeter)
+    train_acc: Optional[AccuracyCounter] = None
+    elapsed: float = 0.0  # training seconds of ``epoch`` so far
+    images: int = 0  # training images of ``epoch`` so far (global)
+
+
+def decorrelate_ranks(ctx: du.DistContext) -> None:
+    """After every rank restored rank 0's RNG states: derive a different stream per rank."""
+    if ctx.world_size > 1:
+        seed_everything(int(torch.randint(2 ** 31 - 1, ())) + ctx.rank)
+
+
+def wrap_ddp(model: nn.Module, ctx: du.DistContext) -> nn.Module:
+    """``model`` in DistributedDataParallel when there is a process group, else itself."""
+    if not ctx.distributed:
+        return model
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+class RunLoop(RunDirCheckpoints):
+    """Runs a :class:`Method` for ``config.epochs`` epochs with exact checkpoints; see the module docstring."""
+
+    def __init__(self, method: Method, optimizer: torch.optim.Optimizer, train_data: Any, ctx: du.DistContext,
+                 config: LoopConfig, precision: Precision, logger: RunLogger, run_dir: str,
+                 meta: Dict[str, Any], sampler_seed: Optional[int] = None) -> None:
+        self.method, self.optimizer, self.train_data = method, optimizer, train_data
+        self.ctx, self.config, self.precision = ctx, config, precision
+        self.logger, self.run_dir, self.meta = logger, run_dir, meta
+        self.sampler_seed = sampler_seed
+        self.state = RunState(train_acc=AccuracyCounter(method.num_heads))
+        self.scaler = make_grad_scaler(precision.amp)
+        self.stop = StopRequest()
+        self._steps_this_process = 0
+        self._debug_signal = _debug_signal()
+
+    # ----- checkpoints -------------------------------------------------------
+    def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:
+        s = self.state
+        sampler = {"epoch": s.epoch, "start_batch": s.step}
+        if self.sampler_seed is not None:
+            sampler["seed"] = self.sampler_seed
+        return {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **self.meta,
+            **self.method.model_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "epoch": s.epoch, "step": s.step, "finished": s.finished,
+            "best_acc": s.best_acc, "best_epoch": s.best_epoch,
+            "rng": capture_rng_state(), "sampler": sampler,
+            "meters": {"train": s.train_meter.state_dict(), "train_acc": s.train_acc.state_dict(),
+                       "elapsed": s.elapsed, "images": s.images},
+            "extra": self.method.extra_state(for_best),
+        }
+
+    def save(self, path: Optional[str] = None, for_best: bool = False) -> None:
+        """Write the latest checkpoint (or ``path``), on rank 0 only."""
+        if self.ctx.is_main:
+            atomic_save(self.checkpoint(for_best), path or self.latest_path)
+
+    def restore(self, ckpt: Dict[str, Any]) -> None:
+        """Continue from ``ckpt`` exactly where it was written."""
+        self.method.load_model_state(ckpt)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.method.load_extra_state(ckpt.get("extra") or {})
+        s = self.state
+        s.epoch, s.step = int(ckpt["epoch"]), int(ckpt["step"])
+        s.best_acc, s.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
+        s.finished = bool(ckpt.get("finished", False))
+        meters = ckpt.get("meters") or {}
+        if meters and s.step > 0:
+            s.train_meter.load_state_dict(meters["train"])
+            s.train_acc.load_state_dict(meters["train_acc"])
+            s.elapsed, s.images = float(meters["elapsed"]), int(meters.get("images", 0))
+        restore_rng_state(ckpt.get("rng"))
+        if self.method.rank_streams:
+            decorrelate_ranks(self.ctx)
+
+    def announce(self, config: Dict[str, Any], intro: str, resumed_from: Optional[str]) -> None:
+        """Rank 0: write config.json and log ``intro`` with where the run starts (or resumes)."""
+        if not self.ctx.is_main:
+            return
+        self.logger.write_config(config)
+        self.logger.text(f"{intro}; {self.start_point(resumed_from)}")
+
+    def start_point(self, resumed_from: Optional[str]) -> str:
+        s = self.state
+        return f"resuming {resumed_from} at epoch {s.epoch + 1} step {s.step}" if resumed_from else "starting"
+
+    # ----- one step / one epoch ---------------------------------------------
+    def train_step(self, raw: Any) -> Tuple[Dict[str, float], int]:
+        """One optimizer step on one loader batch -> (logged values, local batch size)."""
+        method, s = self.method, self.state
+        inputs, targets = method.to_device(raw)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = method.forward(inputs, targets)
+        values = torch.stack([out.terms[k].detach().float() for k in method.terms]).tolist()  # one sync
+        named = dict(zip(method.terms, values))
+        if not all(math.isfinite(v) for v in values):
+            detail = ", ".join(f"{k}={v:.6g}" for k, v in named.items())
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {s.epoch + 1} step {s.step}: {detail}; the latest good checkpoint "
+                f"is {self.latest_path}; lower {method.lr_flag}" + (" or use --amp none" if self.precision.amp
+                                                                    != "none" else ""))
+        backward_and_step(out.terms["loss"], self.optimizer, self.scaler)
+        if out.after_update is not None:
+            out.after_update()
+        s.train_acc.update(out.logits, out.targets)
+        return named, int(out.targets.size(0))
+
+    def train_epoch(self) -> bool:
+        """Train the rest of ``state.epoch``; False when stopped by a signal."""
+        s, cfg, ctx = self.state, self.config, self.ctx
+        self.method.train_mode()
+        lr = lr_at_epoch(s.epoch, cfg.init_lr, cfg.lr_type, cfg.epochs, cfg.milestones)
+        set_lr(self.optimizer, lr)
+        self.train_data.set_epoch(s.epoch)
+        self.train_data.set_start_batch(s.step)
+        total = len(self.train_data) + s.step
+        if cfg.max_train_batches:
+            total = min(total, cfg.max_train_batches)
+        bar = _progress(total, s.step, f"epoch {s.epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
+        tic = time.perf_counter()
+        stopped = False
+        for raw in itertools.islice(self.train_data, max(total - s.step, 0)):
+            named, local_b = self.train_step(raw)
+            s.train_meter.update(named, local_b)
+            s.images += local_b * ctx.world_size
+            s.step += 1
+            self._steps_this_process += 1
+            self._show_progress(bar, named, lr, total)
+            if self._debug_signal is not None and self._steps_this_process == self._debug_signal[0]:
+                os.kill(os.getpid(), self._debug_signal[1])
+            stopped = self.stop.agreed(ctx.device) is not None
+            periodic = s.step < total and cfg.save_every_steps and s.step % cfg.save_every_steps == 0
+            if stopped or periodic:
+                s.elapsed += time.perf_counter() - tic
+                tic = time.perf_counter()
+                self.save()
+            if stopped:
+                break
+        s.elapsed += time.perf_counter() - tic
+        if bar is not None:
+            bar.close()
+        return not stopped
+
+    def _show_progress(self, bar, named: Dict[str, float], lr: float, total: int) -> None:
+        s = self.state
+        if bar is not None:
+            if s.step % 10 == 0 or s.step == total:  # reading the counts waits for the GPU
+                acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)
+                bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
+            bar.update(1)
+        elif self.ctx.is_main and self.config.print_freq and (s.step % self.config.print_freq == 0 or s.step == 1):
+            print(self.method.progress_line(s.epoch, s.step, total, lr, named, s.train_acc), flush=True)
+
+    def end_epoch(self) -> None:
+        """Evaluate, record, advance to the next epoch, save (latest, then best), log."""
+        s = self.state
+        self.method.check()
+        lr = self.optimizer.param_groups[0]["lr"]
+        train = reduced_means(s.train_acc, s.train_meter, self.method.terms, self.ctx.device)
+        record: Dict[str, Any] = {
+            "epoch": s.epoch, "epochs": self.config.epochs, "lr": lr, "time_s": s.elapsed,
+            "images_per_s": s.images / s.elapsed if s.elapsed > 0 else 0.0,
+            "train": self.method.train_record(train)}
+        evaluation, score = self.method.evaluate()
+        record.update(evaluation)
+        is_best = score is not None and (score > s.best_acc or s.best_epoch < 0)
+        if is_best:
+            s.best_acc, s.best_epoch = score, s.epoch
+        if score is not None:
+            record.update(best_acc=s.best_acc, best_epoch=s.best_epoch)
+        # Advance before saving, so the checkpoint says "start the next epoch".
+        s.epoch, s.step = s.epoch + 1, 0
+        s.train_meter, s.train_acc = SumMeter(), AccuracyCounter(self.method.num_heads)
+        s.elapsed, s.images = 0.0, 0
+        self.save()
+        if is_best and self.method.saves_best:
+            self.save(self.best_path, for_best=True)
+        self.logger.log_epoch(record)
+        self.logger.text(self.method.format_epoch(record))
+
+    # ----- the run ------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to the last epoch (or until a signal); returns the process exit code."""
+        s = self.state
+        self.logger.keep_epochs_before(s.epoch)
+        self.logger.remove_summary()
+        self.stop.install()
+        try:
+            while s.epoch < self.config.epochs:
+                if not self.train_epoch():
+                    return self._stopped()
+                self.end_epoch()
+            self.method.check()
+            s.finished = True
+            self.save()
+            if self.ctx.is_main:
+                summary = self.method.summary(s, read_metrics(self.logger.metrics_path), self.config.epochs)
+                self.logger.write_summary(summary)
+                self.method.on_finished(self, summary)
+            return 0
+        finally:
+            self.stop.restore()
+            self.logger.close()
+
+    def _stopped(self) -> int:
+        """Say where the stopped run was saved and how to resume; the exit code (130 for SIGINT)."""
+        name = signal.Signals(self.stop.signum or signal.SIGTERM).name
+        if self.ctx.is_main:
+            print(f"{name} received: saved {self.latest_path} at epoch {self.state.epoch + 1} step "
+                  f"{self.state.step}. Resume with the same command plus --resume (or --resume "
+                  f"{self.latest_path}).", file=sys.stderr, flush=True)
+        du.barrier()  # nobody leaves before rank 0 has saved
+        return 130 if self.stop.signum == signal.SIGINT else 0
+
+
+def already_finished(ckpt: Optional[Dict[str, Any]], epochs: int, path: Optional[str], is_main: bool,
+                     hint: str = "") -> bool:
+    """True (and a note on rank 0) when the resumed checkpoint has already run its ``epochs``."""
+    if ckpt is None or not ckpt.get("finished") or int(ckpt["epoch"]) < epochs:
+        return False
+    if is_main:
+        print(f"{path}: this run already finished its {ckpt['epoch']} epochs; nothing to do{hint}")
+    return True
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled or not sys.stdout.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)

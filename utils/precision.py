@@ -1,0 +1,51 @@
+"""Mixed precision and memory format of the fast path, and the optimizer step that goes with them."""
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from utils.errors import UserError
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+@dataclass
+class Precision:
+    """``--amp`` and ``--channels-last``: autocast for the backbones, the inputs' memory format."""
+
+    amp: str = "none"
+    channels_last: bool = False
+
+    def autocast(self, device: torch.device):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def prepare_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def validate_precision(amp: str, device: torch.device) -> None:
+    if amp not in AMP_MODES:
+        raise UserError(f"--amp {amp!r} is not one of {', '.join(AMP_MODES)}")
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs CUDA (its gradient scaler is CUDA-only here); use --amp bf16 on CPU")
+
+
+def make_grad_scaler(amp: str) -> Optional["torch.amp.GradScaler"]:
+    """fp16 needs a gradient scaler (its exponent range is small); bf16 and float32 do not."""
+    return torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+
+def backward_and_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      scaler: Optional["torch.amp.GradScaler"]) -> None:
+    """``loss.backward()`` then ``optimizer.step()``, through ``scaler`` when there is one."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
