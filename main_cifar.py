@@ -6,6 +6,7 @@ trains MCL(x2) on CIFAR-100 as the paper did. Several processes:
 ``torchrun --nproc_per_node=K main_cifar.py ...`` (--batch-size stays the global batch).
 """
 import argparse
+import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -18,12 +19,14 @@ from utils.args import HelpFormatter, add_common_additions, add_original_trainin
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
-from utils.precision import Precision
-from utils.supervised import Batch, Objective
 from utils.errors import ConfigError
-from utils.logging import RunLogger
+from utils.launch import launch, run_in_group
+from utils.precision import Precision
+from utils.run_files import RunLogger
 from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
-                       run_in_process_group, start_description, supervised_loop, validate_cohort_args)
+                       start_description, supervised_loop, validate_cohort_args)
+from utils.supervised import Objective
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -80,11 +83,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def to_batch(raw, device: torch.device) -> Batch:
-    inputs, targets = raw
-    return Batch(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
-
-
 def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_size: int) -> Dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "dataset_choices"}
     config.update(script="main_cifar", topology=topology, num_classes=num_classes, world_size=world_size,
@@ -110,16 +108,18 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
     test = build_cifar_eval_loader(data, path=args.data_path, eval_batch_size=eval_bs, rank=ctx.rank,
                                    world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
                                    channels_last=args.channels_last)
-    return evaluate_saved_cohort(ckpt, path, test, ctx.device, Precision(args.amp, args.channels_last), to_batch,
+    return evaluate_saved_cohort(ckpt, path, test, ctx.device, Precision(args.amp, args.channels_last),
                                  args.max_eval_batches, f"{args.dataset} test images", ctx.is_main)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    return run_in_process_group(args.gpu_id, args.device, lambda ctx: train_or_evaluate(args, ctx))
+    if args.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+    return launch(run_in_group(train_or_evaluate), args)
 
 
-def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
+def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
     plan = plan_supervised_run(args, ctx)
     if args.evaluate:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
@@ -127,8 +127,7 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
         return 0
     data = load_data(args)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
-    objective = Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
-                          kd_all_students_when_two=True, kd_detach_ensemble=True)
+    objective = Objective.from_flags(args)
     cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
     train_data, test_data = build_cifar_loaders(
         data, path=args.data_path, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
@@ -141,7 +140,7 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     meta = {"script": "main_cifar", "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
     loop = supervised_loop(args, ctx, plan, model, optimizer, objective, InBatchContrast(args.tau, args.kd_T),
-                           train_data, test_data, to_batch, logger, meta)
+                           train_data, test_data, logger, meta)
     if ctx.is_main:
         logger.write_config(config)
         logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "

@@ -7,6 +7,7 @@ trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did. Several processe
 the memory banks are kept identical on every process).
 """
 import argparse
+import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -18,12 +19,13 @@ from utils.args import HelpFormatter, add_common_additions, add_original_trainin
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
-from utils.precision import Precision
-from utils.supervised import Batch, Objective
 from utils.errors import CheckpointError, ConfigError, DatasetError
-from utils.logging import RunLogger
+from utils.launch import launch, run_in_group
+from utils.precision import Precision
+from utils.run_files import RunLogger
 from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
-                       run_in_process_group, start_description, supervised_loop, validate_cohort_args)
+                       start_description, supervised_loop, validate_cohort_args)
+from utils.supervised import Objective
 
 SCRIPT = "main_imagenet"
 
@@ -78,21 +80,6 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def build_objective(args: argparse.Namespace) -> Objective:
-    """Loss weights; logit KD as the original's ImageNet script: last network only, ensemble not detached."""
-    return Objective(args.alpha, args.gamma, args.beta, args.lam, args.logit_distill, args.kd_T,
-                     kd_all_students_when_two=False, kd_detach_ensemble=args.detach_ensemble)
-
-
-def to_batch(raw, device: torch.device) -> Batch:
-    """Training items (images, targets, index, pos_idx, neg_idx) or evaluation items (images, targets)."""
-    inputs, targets = raw[0].to(device, non_blocking=True), raw[1].to(device, non_blocking=True)
-    if len(raw) == 2:
-        return Batch(inputs, targets)
-    index, pos_idx, neg_idx = (t.to(device, non_blocking=True).long() for t in raw[2:5])
-    return Batch(inputs, targets, {"index": index, "pos_idx": pos_idx, "neg_idx": neg_idx})
-
-
 def check_contrast_data(info: TrainSetInfo, pos_k: int) -> None:
     """The memory-bank contrast needs negatives (2+ classes) and pos_k other images per class."""
     if info.num_classes < 2:
@@ -129,22 +116,24 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
     if ckpt["num_classes"] != len(classes):
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but {args.data}/val has "
                           f"{len(classes)}")
-    return evaluate_saved_cohort(ckpt, path, val, ctx.device, Precision(args.amp, args.channels_last), to_batch,
+    return evaluate_saved_cohort(ckpt, path, val, ctx.device, Precision(args.amp, args.channels_last),
                                  args.max_eval_batches, f"validation images of {args.data}", ctx.is_main)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    return run_in_process_group(args.gpu_id, args.device, lambda ctx: train_or_evaluate(args, ctx))
+    if args.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+    return launch(run_in_group(train_or_evaluate), args)
 
 
-def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
+def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
     plan = plan_supervised_run(args, ctx)
     if args.evaluate:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
         return 0
-    objective = build_objective(args)
+    objective = Objective.from_flags(args, imagenet=True)
     train_data, info = build_train_data(
         args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,
         neg_k=args.neg_k if objective.uses_contrast else 0, seed=args.manual_seed, rank=ctx.rank,
@@ -170,8 +159,8 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext) -> int:
     config = run_config(args, plan.topology, info, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": info.num_classes}
-    loop = supervised_loop(args, ctx, plan, model, optimizer, objective, contrast, train_data, val_data, to_batch,
-                           logger, meta)
+    loop = supervised_loop(args, ctx, plan, model, optimizer, objective, contrast, train_data, val_data, logger,
+                           meta)
     if ctx.is_main:
         logger.write_config(config)
         banks = ""

@@ -21,20 +21,20 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from data.moco_aug import ShuffledBatchSampler, center_crop_transform, image_folder, linear_train_transform
+from data.moco_aug import center_crop_transform, image_folder, linear_train_transform
 from models.moco import encoder_names
 from models.pretrained import backbone_state, read_pretrained
 from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
-from data.samplers import SamplerControlledLoader, ShardedEvalSampler
+from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader, ShardedEvalSampler
 from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
-from utils.logging import RunLogger
-from utils.loop import RunLoop, already_finished, wrap_ddp
-from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one, loop_config
+from utils.run_files import RunLogger
+from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
 from utils.precision import Precision, validate_precision
 from utils.run import configure_determinism, load_for_run, prepare_run_dir, resolve_resume
 
@@ -82,7 +82,7 @@ def build_loaders(args, ctx, batch: int, workers: int, seed: int):
     val_set = image_folder(args.data, "val", center_crop_transform(args.image_size))
     if train_set.classes != val_set.classes:
         raise ConfigError(f"{args.data}/train and {args.data}/val have different class folders")
-    sampler = ShuffledBatchSampler(len(train_set), batch, ctx.rank, ctx.world_size, seed, drop_last=False)
+    sampler = EpochShuffleBatchSampler(len(train_set), batch * ctx.world_size, seed, ctx.rank, ctx.world_size)
     pin = ctx.device.type == "cuda"
     train_loader = SamplerControlledLoader(
         torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=workers, pin_memory=pin), sampler)
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     precision = Precision(args.amp, args.channels_last)
     method = LinearMethod(model, ddp_model, val_loader, reference, ctx, precision, args.max_eval_batches,
                           {"net_index": args.net_index, "pretrained": args.pretrained})
-    runner = RunLoop(method, optimizer, train_loader, ctx, loop_config(args), precision, logger, run_dir, meta,
+    runner = RunLoop(method, optimizer, train_loader, ctx, LoopConfig.from_flags(args), precision, logger, run_dir, meta,
                      sampler_seed=seed)
     runner.state.epoch = args.start_epoch
     if ckpt is not None:

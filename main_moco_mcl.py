@@ -19,23 +19,22 @@ summary.json. SIGTERM/SIGINT finish the current step, save and exit (0 / 130);
 """
 import argparse
 import platform
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from data.moco_aug import (ShuffledBatchSampler, TwoCropsTransform, center_crop_transform, image_folder,
-                           moco_augmentation)
+from data.moco_aug import TwoCropsTransform, center_crop_transform, image_folder, moco_augmentation
 from models.moco import MoCoMCL, check_queue_size, encoder_names
 from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
-from data.samplers import SamplerControlledLoader
+from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader
 from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
-from utils.logging import RunLogger
-from utils.loop import RunLoop, already_finished, wrap_ddp
-from utils.moco_args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one, loop_config
+from utils.run_files import RunLogger
+from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
 from utils.moco_pretrain import MocoMethod, load_resume_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
 from utils.run import configure_determinism, prepare_run_dir, resolve_resume
@@ -98,7 +97,8 @@ def build_train_loader(args: argparse.Namespace, ctx: du.DistContext, batch: int
     if len(dataset) < global_batch:
         raise ConfigError(f"{args.data}/train has {len(dataset)} images, fewer than one global batch "
                           f"({global_batch}); lower --batch-size")
-    sampler = ShuffledBatchSampler(len(dataset), batch, ctx.rank, ctx.world_size, sampler_seed, drop_last=True)
+    sampler = EpochShuffleBatchSampler(len(dataset), global_batch, sampler_seed, ctx.rank, ctx.world_size,
+                                       drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                          pin_memory=ctx.device.type == "cuda", persistent_workers=False)
     return SamplerControlledLoader(loader, sampler)
@@ -171,7 +171,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
             "topology": "independent", "num_classes": args.moco_dim}
     precision = Precision(args.amp, args.channels_last)
     method = MocoMethod(args, model, ddp_model, ctx.device, precision, knn)
-    loop = RunLoop(method, optimizer, train_data, ctx, loop_config(args), precision, logger, run_dir, meta,
+    loop = RunLoop(method, optimizer, train_data, ctx, LoopConfig.from_flags(args), precision, logger, run_dir, meta,
                    sampler_seed=sampler_seed)
     loop.state.epoch = args.start_epoch
     if ckpt is not None:

@@ -11,15 +11,14 @@ the contrast indices are seeded per (seed, epoch, index) by the dataset
 """
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Tuple
 
-import numpy as np
 import torch
 from torchvision import datasets
 
 from data.imagenet import ImageFolderWithContrastIndices, imagenet_eval_transform, imagenet_train_transform
-from data.samplers import ShardedEvalSampler
-from utils.errors import ConfigError, DatasetError
+from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader, ShardedEvalSampler
+from utils.errors import DatasetError
 
 LAYOUT = "<data>/train/<class>/<images> and <data>/val/<class>/<images> (one folder per class, same names)"
 
@@ -55,93 +54,19 @@ def check_same_classes(train_classes: List[str], val_classes: List[str], root: s
             f"class folders (for ImageNet, sort the validation images into class folders first)")
 
 
-class EpochShuffleBatchSampler:
-    """Yields this process's dataset indices of every global batch of an epoch.
-
-    n: training-set size; batch_size: the GLOBAL batch (divisible by world_size).
-    One process keeps the last partial batch (the original's DataLoader). With W
-    processes the last partial batch is cut to a multiple of W (dropped if smaller
-    than W), so every process gets the same number of images in every step.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"--batch-size must be positive (got {batch_size})")
-        if batch_size % world_size:
-            raise ConfigError(f"--batch-size {batch_size} is not divisible by the number of processes "
-                              f"{world_size}; use a multiple of {world_size}")
-        if n < world_size:
-            raise ConfigError(f"{n} training images cannot be shared by {world_size} processes")
-        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch = 0
-        self.start_batch = 0
-        self._cache: Optional[Tuple[int, np.ndarray]] = None
-
-    def permutation(self, epoch: Optional[int] = None) -> np.ndarray:
-        """(n,) int64: the epoch's order of the dataset indices."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        if self._cache is None or self._cache[0] != epoch:
-            self._cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-        return self._cache[1]
-
-    @property
-    def num_batches(self) -> int:
-        """Global batches in a whole epoch."""
-        full, rest = divmod(self.n, self.batch_size)
-        return full + (1 if rest >= self.world_size else 0)
-
-    def global_batch(self, k: int) -> np.ndarray:
-        """Indices of global batch k of the current epoch (cut to a multiple of world_size)."""
-        batch = self.permutation()[k * self.batch_size:(k + 1) * self.batch_size]
-        return batch[:len(batch) - len(batch) % self.world_size]
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for k in range(self.start_batch, self.num_batches):
-            batch = self.global_batch(k)
-            share = len(batch) // self.world_size
-            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
-
-    def __len__(self) -> int:
-        return max(self.num_batches - self.start_batch, 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch; a change of epoch restarts at its first batch."""
-        if int(epoch) != self.epoch:
-            self.start_batch = 0
-        self.epoch = int(epoch)
-
-    def set_start_batch(self, start_batch: int) -> None:
-        """Skip the first ``start_batch`` global batches of the current epoch."""
-        if not 0 <= int(start_batch) <= self.num_batches:
-            raise ConfigError(f"cannot resume at batch {start_batch}: an epoch has {self.num_batches} batches "
-                              f"(were --batch-size or the training set changed?)")
-        self.start_batch = int(start_batch)
-
-
-class ImageNetTrainData:
-    """The engine's training data: iterates (images, targets, indices, pos_idx, neg_idx) batches."""
+class ImageNetTrainData(SamplerControlledLoader):
+    """The run loop's training data: (images, targets, indices, pos_idx, neg_idx) batches; the
+    epoch also reseeds the dataset's draw of positives and negatives."""
 
     def __init__(self, dataset: ImageFolderWithContrastIndices, sampler: EpochShuffleBatchSampler,
                  num_workers: int, pin_memory: bool) -> None:
-        self.dataset = dataset
-        self.sampler = sampler
         # Not persistent: workers must copy the dataset after set_epoch to see the new epoch.
-        self.loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                                  pin_memory=pin_memory)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
+        super().__init__(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                                     pin_memory=pin_memory), sampler)
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        super().set_epoch(epoch)
         self.dataset.set_epoch(epoch)
-
-    def set_start_batch(self, start_batch: int) -> None:
-        self.sampler.set_start_batch(start_batch)
 
 
 @dataclass

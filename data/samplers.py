@@ -15,7 +15,7 @@ set_epoch(same epoch) is safe) and resets it to 0 when the epoch changes.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -281,3 +281,72 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.end - self.start
+
+
+class EpochShuffleBatchSampler:
+    """Yields this process's dataset indices of every global batch of a seeded epoch permutation.
+
+    n: training-set size; batch_size: the GLOBAL batch (divisible by world_size); epoch e
+    uses the permutation drawn from (seed, e) and global batch k is its k-th slice of
+    batch_size, of which rank r keeps the r-th contiguous share. ``drop_last`` drops the
+    last partial batch (MoCo pre-training, like the original); otherwise it is kept, cut
+    to a multiple of W processes (dropped if smaller than W) so that every process gets
+    the same number of images in every step. ``set_start_batch(k)`` skips the first k
+    batches of the current epoch (resume).
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size must be positive (got {batch_size})")
+        if batch_size % world_size:
+            raise ConfigError(f"--batch-size {batch_size} is not divisible by the number of processes "
+                              f"{world_size}; use a multiple of {world_size}")
+        if n < world_size:
+            raise ConfigError(f"{n} training images cannot be shared by {world_size} processes")
+        self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+        self._cache: Optional[Tuple[int, np.ndarray]] = None
+
+    def permutation(self, epoch: Optional[int] = None) -> np.ndarray:
+        """(n,) int64: the epoch's order of the dataset indices."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+        return self._cache[1]
+
+    @property
+    def num_batches(self) -> int:
+        """Global batches in a whole epoch."""
+        full, rest = divmod(self.n, self.batch_size)
+        return full + (1 if rest >= self.world_size and not self.drop_last else 0)
+
+    def global_batch(self, k: int) -> np.ndarray:
+        """Indices of global batch k of the current epoch (cut to a multiple of world_size)."""
+        batch = self.permutation()[k * self.batch_size:(k + 1) * self.batch_size]
+        return batch[:len(batch) - len(batch) % self.world_size]
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for k in range(self.start_batch, self.num_batches):
+            batch = self.global_batch(k)
+            share = len(batch) // self.world_size
+            yield batch[self.rank * share:(self.rank + 1) * share].tolist()
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a change of epoch restarts at its first batch."""
+        if int(epoch) != self.epoch:
+            self.start_batch = 0
+        self.epoch = int(epoch)
+
+    def set_start_batch(self, start_batch: int) -> None:
+        """Skip the first ``start_batch`` global batches of the current epoch."""
+        if not 0 <= int(start_batch) <= self.num_batches:
+            raise ConfigError(f"cannot resume at batch {start_batch}: an epoch has {self.num_batches} batches "
+                              f"(were --batch-size or the training set changed?)")
+        self.start_batch = int(start_batch)

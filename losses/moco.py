@@ -17,8 +17,7 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
-from losses.kd import kl_distill
-from losses.mcl import MCLLosses
+from losses.mcl import MCLLosses, assemble_mcl_losses
 
 
 def moco_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, T: float) -> torch.Tensor:
@@ -59,20 +58,9 @@ def moco_mcl_losses(
     """
     if len(queries) != len(keys) or len(queries) != queues.size(0):
         raise ValueError(f"got {len(queries)} queries, {len(keys)} keys and {queues.size(0)} queues")
-    n = len(queries)
     A = all_pair_logits(queries, keys, queues, T)
-    zero = queries[0].new_zeros(())
-    vcl = sum((positive_class_ce(A[i][i]) for i in range(n)), zero)
-    soft_vcl = sum(
-        (kl_distill(A[a][a], A[b][b].detach(), kd_T) for a in range(n) for b in range(n) if a != b), zero
-    )
-    icl, soft_icl = zero, zero
-    for a in range(n):
-        for b in range(a + 1, n):
-            icl = icl + positive_class_ce(A[a][b]) + positive_class_ce(A[b][a])
-            soft_icl = (soft_icl + kl_distill(A[a][b], A[b][a].detach(), kd_T)
-                        + kl_distill(A[b][a], A[a][b].detach(), kd_T))
-    return MCLLosses(vcl=vcl, soft_vcl=soft_vcl, icl=icl, soft_icl=soft_icl)
+    own = [A[n][n] for n in range(len(A))]
+    return assemble_mcl_losses(own, A, positive_class_ce, positive_class_ce, kd_T)
 
 
 def instance_logits(

@@ -58,14 +58,13 @@ from data.augment import reference_cifar_transforms  # noqa: E402
 from data.pipeline import ArrayData, build_cifar_loaders, load_arrays  # noqa: E402
 from data.samplers import MPerClassBatchSampler  # noqa: E402
 from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
-from main_cifar import to_batch  # noqa: E402
 from utils.args import HelpFormatter
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
 from utils.loop import LoopConfig, RunLoop  # noqa: E402
 from utils.precision import Precision  # noqa: E402
 from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noqa: E402
-from utils.logging import RunLogger  # noqa: E402
+from utils.run_files import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
 from utils.run import build_sgd, configure_determinism  # noqa: E402
 
@@ -204,8 +203,7 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
     device = ctx.device
     torch.manual_seed(args.seed)
     cohort = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort)
-    objective = Objective(args.alpha, args.gamma, args.beta, args.lam, False, args.kd_T,
-                          kd_all_students_when_two=True, kd_detach_ensemble=True)
+    objective = Objective.from_flags(args)
     heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if objective.uses_contrast else None
     model = CohortWithHeads(cohort, heads).to(device).to(memory_format=torch.channels_last)
     optimizer = build_sgd(model.parameters(), args.init_lr, args.weight_decay)
@@ -215,7 +213,7 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
         num_workers=0, channels_last=True)
     precision = Precision("bf16", channels_last=True)
     method = SupervisedMethod(model, model, objective, InBatchContrast(args.tau, args.kd_T), test_data, device,
-                              precision, to_batch)
+                              precision)
     config = LoopConfig(epochs=1, init_lr=args.init_lr, lr_type="cosine", milestones=(), progress=False)
     trainer = RunLoop(method, optimizer, train_data, ctx, config, precision, RunLogger("", enabled=False), "", {})
     model.train()

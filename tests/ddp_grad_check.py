@@ -10,7 +10,7 @@ import torch.nn as nn
 from losses.mcl import sup_mcl_losses
 from utils import distributed as du
 from utils.contrast import InBatchContrast
-from utils.supervised import Batch
+from data.batch import Batch
 
 TAU, KD_T = 0.1, 3.0
 

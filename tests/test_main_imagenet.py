@@ -14,11 +14,12 @@ from PIL import Image
 
 import main_imagenet
 import utils.loop as loop
-from data.imagenet_loader import EpochShuffleBatchSampler
+from data.samplers import EpochShuffleBatchSampler
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
-from utils.supervised import Batch
+from data.batch import Batch
+from utils.supervised import Objective
 
 torch.set_num_threads(1)
 
@@ -226,9 +227,9 @@ def test_help_keeps_the_original_flags_and_defaults():
 
 
 def test_logit_distillation_is_the_original_imagenet_rule():
-    objective = main_imagenet.build_objective(main_imagenet.parse_args(["--logit-distill", "--number-net", "2"]))
+    objective = Objective.from_flags(main_imagenet.parse_args(["--logit-distill", "--number-net", "2"]), imagenet=True)
     assert objective.logit_distill and not objective.kd_all_students_when_two and not objective.kd_detach_ensemble
-    detached = main_imagenet.build_objective(main_imagenet.parse_args(["--logit-distill", "--detach-ensemble"]))
+    detached = Objective.from_flags(main_imagenet.parse_args(["--logit-distill", "--detach-ensemble"]), imagenet=True)
     assert detached.kd_detach_ensemble
 
 
@@ -255,9 +256,8 @@ def test_memory_contrast_banks_start_equal_and_update_rows():
     assert all(torch.equal(x, y) for x, y in zip(a.memories, b.memories))
     assert not torch.equal(a.memory_0, a.memory_1)
     embeddings = [torch.nn.functional.normalize(torch.randn(3, 4), dim=1) for _ in range(2)]
-    batch = Batch(torch.zeros(3), torch.zeros(3, dtype=torch.long),
-                  {"index": torch.tensor([1, 4, 7]), "pos_idx": torch.tensor([[1, 2], [4, 5], [7, 8]]),
-                   "neg_idx": torch.tensor([[0, 3], [6, 9], [0, 1]])})
+    batch = Batch(torch.zeros(3), torch.zeros(3, dtype=torch.long), index=torch.tensor([1, 4, 7]),
+                  pos_idx=torch.tensor([[1, 2], [4, 5], [7, 8]]), neg_idx=torch.tensor([[0, 3], [6, 9], [0, 1]]))
     terms = a(embeddings, batch)
     assert all(torch.isfinite(t) and t > 0 for t in terms)
     before = a.memory_0.clone()

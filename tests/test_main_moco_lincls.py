@@ -19,13 +19,13 @@ from PIL import Image
 
 import main_lincls
 import main_moco_mcl
-from data.moco_aug import ShuffledBatchSampler
 from models import pretrained
 from models.moco import MoCoMCL, pooled_features
 from utils import knn, lincls
 from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 import utils.loop
+from data.samplers import EpochShuffleBatchSampler
 from utils.loop import StopRequest
 from utils.errors import ConfigError
 
@@ -206,12 +206,12 @@ def test_weighted_knn_votes_by_similarity():
 
 
 def test_sampler_shards_a_seeded_permutation_and_resumes():
-    full = [ShuffledBatchSampler(10, 2, r, 2, seed=3, drop_last=True) for r in range(2)]
+    full = [EpochShuffleBatchSampler(10, 4, seed=3, rank=r, world_size=2, drop_last=True) for r in range(2)]
     batches = [list(s) for s in full]
     assert len(batches[0]) == 2 and all(len(b) == 2 for b in batches[0] + batches[1])
     seen = [i for r in range(2) for b in batches[r] for i in b]
     assert len(set(seen)) == 8
-    resumed = ShuffledBatchSampler(10, 2, 1, 2, seed=3, drop_last=True)
+    resumed = EpochShuffleBatchSampler(10, 4, seed=3, rank=1, world_size=2, drop_last=True)
     resumed.set_start_batch(1)
     assert list(resumed) == batches[1][1:]
 

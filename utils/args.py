@@ -1,10 +1,15 @@
-"""Command-line flags shared by main_cifar.py and main_imagenet.py.
+"""Command-line flags of the four scripts.
 
-The original's flags keep their names, defaults and meaning; the additions are
-grouped so ``--help`` shows which is which.
+The original's flags keep their names, defaults and meaning in each script (the
+supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
+:func:`add_loop_args` and :func:`add_distributed_args`); the additions are grouped so
+``--help`` shows which is which.
 """
 import argparse
-from typing import Sequence
+from typing import Dict, Sequence
+
+from utils import distributed as du
+from utils.errors import ConfigError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -109,3 +114,62 @@ def add_common_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentG
     g.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
     return g
+
+
+# ----------------------------------------------------------------------------- MoCo pre-training, linear evaluation
+
+def add_loop_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, schedule: Sequence[int],
+                  momentum_help: str, weight_decay: float, weight_decay_text: str) -> None:
+    """The original's data-loading, schedule, optimizer, printing and resume flags (after --data and -a)."""
+    parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
+                        help="number of data loading workers (default: 32, split over the processes of a node)")
+    parser.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
+    parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
+                        help="manual epoch number (useful on restarts)")
+    parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
+                        help="mini-batch size (default: 256), the total over the processes of this node")
+    parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR",
+                        help="initial learning rate", dest="lr")
+    parser.add_argument("--schedule", default=list(schedule), nargs="*", type=int,
+                        help="learning rate schedule (when to drop lr by 10x)")
+    parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help=momentum_help)
+    parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",
+                        help=f"weight decay (default: {weight_decay_text})", dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency (default: 10)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                        help="resume from PATH; alone: the latest checkpoint of --checkpoint (default: none)")
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """The original's process-group flags."""
+    parser.add_argument("--world-size", default=-1, type=int, help="number of nodes for distributed training")
+    parser.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
+    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
+                        help="url used to set up distributed training")
+    parser.add_argument("--dist-backend", default=None, type=str,
+                        help="distributed backend (default: nccl on CUDA, gloo on CPU; the original: nccl)")
+    parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
+    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use (one process, no data parallelism)")
+    parser.add_argument("--gpu-ids", default=None, type=str,
+                        help="GPU ids to use, e.g. 0,1,2,3 (--multiprocessing-distributed starts one process "
+                             "per id; unset: every visible GPU)")
+    parser.add_argument("--multiprocessing-distributed", action="store_true",
+                        help="launch one process per GPU of this node (the original's way); the total "
+                             "--world-size becomes nodes x processes per node")
+
+
+def add_smoke_args(parser: argparse.ArgumentParser) -> None:
+    """Additions: device, mixed precision and memory format, crop size, caps on batches."""
+    g = parser.add_argument_group("additions")
+    g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
+    add_precision_args(g)
+    g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
+    g.add_argument("--max-train-batches", default=0, type=int, help="cap on training batches per epoch (0 = none)")
+    g.add_argument("--max-eval-batches", default=0, type=int, help="cap on evaluation batches (0 = none)")
+
+
+def check_at_least_one(values: Dict[str, int]) -> None:
+    """ConfigError naming the first flag of ``values`` ({flag: value}) below 1."""
+    for flag, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")

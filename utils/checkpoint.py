@@ -8,8 +8,9 @@ moment leaves either the previous file or the new one, both readable.
 import errno
 import os
 import random
+import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -50,8 +51,9 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
     full disk.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from teammates
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -62,12 +64,55 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(err, OSError):
-            reason = "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        reason = _write_failure(err, directory)
+        if reason is not None:
             kept = "the previous checkpoint is intact" if os.path.exists(path) else "no earlier checkpoint exists"
             raise CheckpointError(f"could not write checkpoint {path}: {reason}; {kept}") from None
         raise
     _fsync_dir(directory)
+
+
+TMP_SUFFIX = ".tmp"
+_LOW_SPACE = 64 * 2 ** 20  # bytes; below this a failed write is taken for a full disk
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_failure(err: BaseException, directory: str) -> Optional[str]:
+    """Why writing a checkpoint failed, in words, or None when ``err`` is not a write failure.
+
+    torch.save reports a failed write as RuntimeError (e.g. "[enforce fail at
+    inline_container.cc] ... file write failed"), not as OSError.
+    """
+    if isinstance(err, OSError):
+        return "the disk is full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+    if isinstance(err, RuntimeError) and ("inline_container" in str(err) or "write" in str(err).lower()):
+        try:
+            full = shutil.disk_usage(directory).free < _LOW_SPACE
+        except OSError:
+            full = False
+        return "the disk is full" if full else str(err).splitlines()[0]
+    return None
+
+
+def remove_stale_temporaries(directory: str) -> List[str]:
+    """Delete the half-written ``.NAME.*.tmp`` files that killed saves left in ``directory``; their names."""
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(".") and ".pth.tar." in name and name.endswith(TMP_SUFFIX):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -55,13 +55,13 @@ class MemoryContrast(nn.Module):
         return [getattr(self, f"memory_{n}") for n in range(self.number_net)]
 
     def forward(self, embeddings: List[torch.Tensor], batch) -> MCLLosses:
-        """embeddings: N (B, feat_dim) L2-normalised; batch.extras holds pos_idx (B, 1+pos_k), neg_idx (B, neg_k)."""
-        return memory_mcl_losses(embeddings, self.memories, batch.extras["pos_idx"], batch.extras["neg_idx"],
+        """embeddings: N (B, feat_dim) L2-normalised; batch.pos_idx (B, 1+pos_k), batch.neg_idx (B, neg_k)."""
+        return memory_mcl_losses(embeddings, self.memories, batch.pos_idx, batch.neg_idx,
                                  self.tau, self.kd_T)
 
     @torch.no_grad()
     def after_step(self, embeddings: List[torch.Tensor], batch) -> None:
-        """Momentum update of every bank from the global batch (batch.extras["index"] (B,) on each process)."""
+        """Momentum update of every bank from the global batch (batch.index (B,) on each process)."""
         stacked = all_gather_nograd(torch.stack([e.detach().float() for e in embeddings], dim=1))  # (W*B, N, D)
-        indices = all_gather_nograd(batch.extras["index"])
+        indices = all_gather_nograd(batch.index)
         update_memories(self.memories, list(stacked.unbind(dim=1)), indices, self.momentum)

@@ -1,10 +1,11 @@
-"""Starting the processes of main_moco_mcl.py and main_lincls.py (the original's launch).
+"""Starting the processes of the four scripts: one launcher for all.
 
-Three ways: the original's ``--multiprocessing-distributed`` (one spawned process per
-GPU of ``--gpu-ids``, or per visible GPU), ``torchrun`` (the environment describes the
-group), or one process (CPU or one GPU). :func:`launch` runs
-``worker(local_rank, args, nprocs)`` in every process and returns the exit code; the
-worker calls :func:`setup_process` to join the group and pick its device.
+Three ways: the original's ``--multiprocessing-distributed`` (main_moco_mcl.py and
+main_lincls.py: one spawned process per GPU of ``--gpu-ids``, or per visible GPU),
+``torchrun`` (the environment describes the group), or one process (CPU or one GPU).
+:func:`launch` runs ``worker(local_rank, args, nprocs)`` in every process and returns
+the exit code; :func:`run_in_group` makes a worker that joins the group, picks its
+device, runs the script's body and leaves the group.
 """
 import argparse
 import os
@@ -25,7 +26,7 @@ Worker = Callable[[int, argparse.Namespace, int], Optional[int]]
 
 def processes_per_node(args: argparse.Namespace) -> int:
     """--multiprocessing-distributed: one process per listed (or visible) GPU; 1 otherwise."""
-    if not args.multiprocessing_distributed:
+    if not getattr(args, "multiprocessing_distributed", False):
         return 1
     ids = du.parse_gpu_ids(args.gpu_ids)
     if ids:
@@ -35,7 +36,13 @@ def processes_per_node(args: argparse.Namespace) -> int:
 
 
 def setup_process(args: argparse.Namespace, local_rank: int, nprocs: int) -> du.DistContext:
-    """Join the process group the flags (or torchrun) describe; pick the device."""
+    """Join the process group the flags (or torchrun) describe; pick the device.
+
+    Scripts without the original's process-group flags (main_cifar.py, main_imagenet.py)
+    join torchrun's group, or run as one process.
+    """
+    if not hasattr(args, "dist_url"):
+        return du.setup_distributed(device=args.device)
     if args.multiprocessing_distributed:
         nodes = max(args.world_size, 1)
         node_rank = max(args.rank, 0)
@@ -107,7 +114,7 @@ def launch(worker: Worker, args: argparse.Namespace) -> int:
     the forwarded SIGTERM does not count as a second Ctrl-C.)
     """
     nprocs = processes_per_node(args)
-    if nprocs == 1 and not args.multiprocessing_distributed:
+    if nprocs == 1 and not getattr(args, "multiprocessing_distributed", False):
         return worker(0, args, 1) or 0
     codes = mp.get_context("spawn").Array("i", [0] * nprocs)
     context = mp.start_processes(_worker_entry, args=(worker, args, nprocs, codes), nprocs=nprocs,

@@ -31,7 +31,7 @@ from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
 from utils.errors import UserError
-from utils.logging import RunLogger, read_metrics
+from utils.run_files import RunLogger, read_metrics
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision, backward_and_step, make_grad_scaler
 from utils.schedule import lr_at_epoch, set_lr
@@ -190,6 +190,17 @@ class LoopConfig:
     max_train_batches: int = 0  # 0 = no cap
     progress: bool = True  # a tqdm bar when stdout is a terminal
     print_freq: int = 0  # a progress line every N steps (0 = none)
+
+    @classmethod
+    def from_flags(cls, args: Any) -> "LoopConfig":
+        """From a script's flags: the supervised scripts' --init-lr --lr-type --milestones, or the MoCo
+        scripts' --lr --schedule (--cos where there is one) --print-freq."""
+        supervised = hasattr(args, "init_lr")
+        return cls(epochs=args.epochs, init_lr=args.init_lr if supervised else args.lr,
+                   lr_type=args.lr_type if supervised else ("cosine" if getattr(args, "cos", False) else "multistep"),
+                   milestones=args.milestones if supervised else args.schedule,
+                   save_every_steps=getattr(args, "save_every_steps", 0), max_train_batches=args.max_train_batches,
+                   progress=not getattr(args, "no_progress", True), print_freq=getattr(args, "print_freq", 0))
 
 
 @dataclass

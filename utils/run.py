@@ -80,7 +80,7 @@ def cohort_description(model: nn.Module) -> Tuple[int, str]:
 
 
 def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
-                          to_batch: Any, max_batches: int, data_description: str, is_main: bool) -> int:
+                          max_batches: int, data_description: str, is_main: bool) -> int:
     """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5 of every network and the ensemble."""
     from models import build_cohort
     from utils.supervised import evaluate_cohort
@@ -89,23 +89,13 @@ def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, devic
     cohort.load_state_dict(ckpt["model"])
     if precision.channels_last:
         cohort = cohort.to(memory_format=torch.channels_last)
-    result = evaluate_cohort(cohort, eval_data, device, precision, to_batch, max_batches)
+    result = evaluate_cohort(cohort, eval_data, device, precision, max_batches)
     if is_main:
         print(f"evaluated {path} (epoch {ckpt['epoch']}) on {result['images']} {data_description}")
         for i, (t1, t5) in enumerate(zip(result["top1"], result["top5"])):
             print(f"  net {i} ({cohort.arch_names[i]}): top-1 {t1:.2f}  top-5 {t5:.2f}")
         print(f"  ensemble: top-1 {result['ens_top1']:.2f}  top-5 {result['ens_top5']:.2f}")
     return 0
-
-
-def run_in_process_group(gpu_id: Optional[str], device: str, body: Any) -> int:
-    """Honour --gpu-id, join the torchrun group if any, run ``body(ctx)``, leave the group."""
-    from utils import distributed as du
-
-    if gpu_id is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
-    ctx = du.setup_distributed(device=device)
-    return du.run_then_leave(lambda: body(ctx))
 
 
 @dataclass
@@ -127,7 +117,7 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     """
     from models.cohort import parse_arch_names, resolve_topology
     from utils.checkpoint import seed_everything
-    from utils.logging import ensure_writable_dir
+    from utils.loop import already_finished
     from utils.precision import validate_precision
 
     validate_precision(args.amp, ctx.device)
@@ -143,15 +133,12 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     if args.evaluate:
         return plan
     if ctx.is_main:
-        ensure_writable_dir(plan.run_dir)
+        prepare_run_dir(plan.run_dir, "--checkpoint-dir")
     plan.resume_path = resolve_resume(args.resume, args.resume_checkpoint, plan.run_dir)
     if plan.resume_path is not None:
         plan.ckpt = load_for_run(plan.resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
-        if plan.ckpt.get("finished"):
-            plan.already_finished = True
-            if ctx.is_main:
-                print(f"{plan.resume_path}: this run already finished all {plan.ckpt['config']['epochs']} epochs; "
-                      "nothing to do")
+        plan.already_finished = already_finished(plan.ckpt, args.epochs, plan.resume_path, ctx.is_main,
+                                                 " (raise --epochs to train longer)")
     return plan
 
 
@@ -177,23 +164,20 @@ def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, 
     return cohort, model, build_sgd(model.parameters(), args.init_lr, args.weight_decay)
 
 
-def loop_config(args: Any):
-    """The run loop's settings from the supervised scripts' flags."""
-    from utils.loop import LoopConfig
-
-    return LoopConfig(epochs=args.epochs, init_lr=args.init_lr, lr_type=args.lr_type, milestones=args.milestones,
-                      save_every_steps=args.save_every_steps, max_train_batches=args.max_train_batches,
-                      progress=not args.no_progress)
-
-
-def prepare_run_dir(path: str) -> None:
-    """Create the --checkpoint directory; ConfigError naming that flag when it is not writable."""
-    from utils.logging import ensure_writable_dir
+def prepare_run_dir(path: str, flag: str = "--checkpoint") -> None:
+    """Create the run directory (ConfigError naming ``flag`` when it is not writable) and remove the
+    half-written checkpoint files a killed save left there."""
+    from utils.checkpoint import remove_stale_temporaries
+    from utils.run_files import ensure_writable_dir
 
     try:
         ensure_writable_dir(path)
     except ConfigError:
-        raise ConfigError(f"cannot write to {path}; pass a writable --checkpoint directory") from None
+        raise ConfigError(f"cannot write to {path}; pass a writable {flag} directory") from None
+    removed = remove_stale_temporaries(path)
+    if removed:
+        print(f"{path}: removed {len(removed)} half-written checkpoint file(s) left by a killed save: "
+              f"{', '.join(removed)}", flush=True)
 
 
 def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan, trainer: Any) -> str:
@@ -210,17 +194,18 @@ def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str
 
 
 def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    objective: Any, contrast: Any, train_data: Any, eval_data: Any, to_batch: Any,
-                    logger: Any, meta: Dict[str, Any]):
+                    objective: Any, contrast: Any, train_data: Any, eval_data: Any, logger: Any,
+                    meta: Dict[str, Any]):
     """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
-    from utils.loop import RunLoop, wrap_ddp
+    from utils.loop import LoopConfig, RunLoop, wrap_ddp
     from utils.precision import Precision
     from utils.supervised import SupervisedMethod
 
     precision = Precision(args.amp, args.channels_last)
     method = SupervisedMethod(model, wrap_ddp(model, ctx), objective, contrast, eval_data, ctx.device, precision,
-                              to_batch, args.max_eval_batches)
-    loop = RunLoop(method, optimizer, train_data, ctx, loop_config(args), precision, logger, plan.run_dir, meta)
+                              args.max_eval_batches)
+    loop = RunLoop(method, optimizer, train_data, ctx, LoopConfig.from_flags(args), precision, logger, plan.run_dir,
+                   meta)
     if plan.ckpt is not None:
         loop.restore(plan.ckpt)
     return loop

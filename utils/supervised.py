@@ -10,13 +10,14 @@ How the MCL terms are computed for a batch comes in as a *contrast* object:
 ImageNet, utils/contrast.py), with optional ``after_step(embeddings, batch)`` and
 ``state_dict``/``load_state_dict``.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data.batch import Batch
 from losses.ensemble import ensemble_distill_loss, ensemble_logits
 from losses.mcl import MCLLosses
 from utils import distributed as du
@@ -25,15 +26,6 @@ from utils.metrics import AccuracyCounter, reduce_accuracy
 from utils.precision import Precision
 
 TERMS = ("loss", "loss_cls", "loss_kd", "vcl", "soft_vcl", "icl", "soft_icl")
-
-
-@dataclass
-class Batch:
-    """One training batch on the device: inputs (B, 3, H, W), targets (B,), extras."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,6 +44,15 @@ class Objective:
     @property
     def uses_contrast(self) -> bool:
         return any(w != 0 for w in (self.alpha, self.gamma, self.beta, self.lam))
+
+    @classmethod
+    def from_flags(cls, args: Any, imagenet: bool = False) -> "Objective":
+        """From --alpha --gamma --beta --lam --logit-distill --kd_T. Logit distillation follows the
+        original's scripts: on CIFAR both networks of a pair learn from the detached ensemble; on
+        ImageNet only the last network does, with the ensemble detached only under --detach-ensemble."""
+        return cls(args.alpha, args.gamma, args.beta, args.lam, getattr(args, "logit_distill", False), args.kd_T,
+                   kd_all_students_when_two=not imagenet,
+                   kd_detach_ensemble=args.detach_ensemble if imagenet else True)
 
 
 class CohortWithHeads(nn.Module):
@@ -99,7 +100,7 @@ def compute_loss(
 
 @torch.no_grad()
 def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device, precision: Precision,
-                    to_batch: Callable[[Any, torch.device], Batch], max_batches: int = 0) -> Dict[str, Any]:
+                    max_batches: int = 0) -> Dict[str, Any]:
     """Test top-1/top-5 (%) of every network and of the ensemble, and the mean CE, over all ranks."""
     cohort.eval()
     counter = AccuracyCounter(cohort.number_net + 1)
@@ -107,7 +108,7 @@ def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device
     for i, raw in enumerate(eval_data):
         if max_batches and i >= max_batches:
             break
-        batch = to_batch(raw, device)
+        batch = Batch.from_loader(raw).to(device)
         with precision.autocast(device):
             logits, _ = cohort(precision.prepare_inputs(batch.inputs))
         logits = [z.float() for z in logits]
@@ -119,26 +120,21 @@ def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device
 
 
 class SupervisedMethod(Method):
-    """Cross-entropy of every network, the weighted MCL terms and logit distillation; see the module docstring.
-
-    ``to_batch(raw, device) -> Batch`` turns a loader batch into a :class:`Batch` (the
-    ImageNet loader adds the memory-bank indices as extras).
-    """
+    """Cross-entropy of every network, the weighted MCL terms and logit distillation; see the module docstring."""
 
     terms = TERMS
     lr_flag = "--init-lr"
 
     def __init__(self, model: CohortWithHeads, ddp_model: nn.Module, objective: Objective, contrast: Optional[Any],
-                 eval_data: Any, device: torch.device, precision: Precision,
-                 to_batch: Callable[[Any, torch.device], Batch], max_eval_batches: int = 0) -> None:
+                 eval_data: Any, device: torch.device, precision: Precision, max_eval_batches: int = 0) -> None:
         self.model, self.ddp_model = model, ddp_model
         self.objective, self.contrast = objective, contrast
         self.eval_data, self.device, self.precision = eval_data, device, precision
-        self.to_batch, self.max_eval_batches = to_batch, max_eval_batches
+        self.max_eval_batches = max_eval_batches
         self.num_heads = model.cohort.number_net + 1  # the networks and their ensemble
 
     def to_device(self, raw: Any):
-        batch = self.to_batch(raw, self.device)
+        batch = Batch.from_loader(raw).to(self.device)
         return batch, batch.targets
 
     def forward(self, batch: Batch, targets: torch.Tensor) -> StepResult:
@@ -157,7 +153,7 @@ class SupervisedMethod(Method):
         # DDP broadcasts BatchNorm statistics from rank 0 before each training forward, so
         # after the last step every rank holds its own; evaluate (and save) rank 0's.
         du.broadcast_buffers(self.model)
-        test = evaluate_cohort(self.model.cohort, self.eval_data, self.device, self.precision, self.to_batch,
+        test = evaluate_cohort(self.model.cohort, self.eval_data, self.device, self.precision,
                                self.max_eval_batches)
         test.pop("images")
         best_single = max(test["top1"])
