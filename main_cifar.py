@@ -15,7 +15,7 @@ import torch
 from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
                            load_arrays)
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "(generated, no download)", arch="resnet32", weight_decay=5e-4,
                                lr_type="cosine", milestones=(150, 225), epochs=300, batch_size=128,
                                num_workers=8, tau=0.1)
-    g = add_common_additions(parser)
+    g = add_common_additions(parser, fast_help="the fast path: --amp bf16 --channels-last --data-path tensor")
     g.add_argument("--m-per-class", type=int, default=2,
                    help="images per class in a batch (the original's 2; CIFAR-10 at batch 128 needs e.g. 16)")
     g.add_argument("--visit-all", action="store_true",
@@ -49,8 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", default="pil", choices=("pil", "tensor"),
                    help="pil: the original's per-image PIL transforms in DataLoader workers; tensor: the "
                         "whole uint8 set on the device, augmented in batches (same pixels)")
-    g.add_argument("--fast", action="store_true",
-                   help="the fast path: --amp bf16 --channels-last --data-path tensor")
     g.add_argument("--train-per-class", type=int, default=0,
                    help="train on the first N images of each class only (a class-balanced subset, the same "
                         "for every seed; the test set stays whole); 0 = the whole training set")
@@ -65,9 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    apply_fast(args)
     if args.fast:
-        args.amp = "bf16" if args.amp == "none" else args.amp
-        args.channels_last = True
         args.data_path = "tensor"
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of {', '.join(DATASETS)}")

@@ -15,7 +15,7 @@ import torch
 
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    apply_fast(args)
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     if args.pos_k < 1:
         raise ConfigError(f"--pos_k must be at least 1 (got {args.pos_k}): every sample needs a positive")

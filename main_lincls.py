@@ -34,9 +34,9 @@ from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
 from utils.precision import Precision, validate_precision
-from utils.run import configure_determinism, load_for_run, prepare_run_dir, resolve_resume
+from utils.run import claim_run_dir, configure_determinism, load_for_run, resolve_resume
 
 DEFAULT_ARCH = "resnet50"
 
@@ -45,28 +45,28 @@ DEFAULT_ARCH = "resnet50"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
-                        help="path to dataset (an ImageFolder with train/ and val/)")
-    parser.add_argument("-a", "--arch", metavar="ARCH", default=None, choices=encoder_names(),
-                        help="model architecture: " + " | ".join(encoder_names()) +
-                             f" (default: the --pretrained checkpoint's, else {DEFAULT_ARCH})")
-    add_loop_args(parser, epochs=100, lr=30.0, schedule=[60, 80], momentum_help="momentum",
-                  weight_decay=0.0, weight_decay_text="0.")
-    parser.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
-                        help="evaluate model on validation set")
-    add_distributed_args(parser)
-    parser.add_argument("--pretrained", default="", type=str, help="path to moco pretrained checkpoint")
-    parser.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
-    add_smoke_args(parser)
-    g = parser.add_argument_group("more additions")
+    orig = parser.add_argument_group("flags of the original")
+    orig.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
+                      help="path to dataset (an ImageFolder with train/ and val/)")
+    orig.add_argument("-a", "--arch", metavar="ARCH", default=None, choices=encoder_names(),
+                      help="model architecture: " + " | ".join(encoder_names()) +
+                           f" (default: the --pretrained checkpoint's, else {DEFAULT_ARCH})")
+    add_loop_args(orig, epochs=100, lr=30.0, schedule=[60, 80], momentum_help="momentum",
+                  weight_decay=0.0)
+    orig.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
+                      help="evaluate model on validation set")
+    add_distributed_args(orig)
+    orig.add_argument("--pretrained", default="", type=str, help="path to moco pretrained checkpoint")
+    orig.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
+    g = add_moco_additions(parser)
     g.add_argument("--net-index", default=0, type=int,
                    help="which network of the pre-trained cohort to evaluate (0 = query encoder 0)")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     return parser
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    apply_fast(args)
     check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--print-freq": args.print_freq})
     if args.net_index < 0:
         raise ConfigError(f"--net-index must be >= 0 (got {args.net_index})")
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     batch, workers = node_share(args, ctx, nprocs)
     run_dir = args.checkpoint
     if ctx.is_main and not args.evaluate:
-        prepare_run_dir(run_dir)
+        claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     seed = args.seed if args.seed is not None else 0
     seed_everything(seed)
     resume_path = resolve_resume(args.resume, None, run_dir)
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
                      sampler_seed=seed)
     runner.state.epoch = args.start_epoch
     if ckpt is not None:
-        runner.restore(ckpt)
+        runner.restore(ckpt, resume_path)
         if not args.pretrained:  # random backbone: the reference is the one the run has trained with
             method.reference = frozen_snapshot(model)
     if args.evaluate:

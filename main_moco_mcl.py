@@ -34,49 +34,50 @@ from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_smoke_args, check_at_least_one
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
 from utils.moco_pretrain import MocoMethod, load_resume_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
-from utils.run import configure_determinism, prepare_run_dir, resolve_resume
+from utils.run import claim_run_dir, configure_determinism, resolve_resume
 
 
 # ============================================================================ flags
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
-                        help="path to dataset (an ImageFolder with train/)")
-    parser.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=encoder_names(),
-                        help="encoder architecture: " + " | ".join(encoder_names()) + " (default: resnet50)")
-    add_loop_args(parser, epochs=200, lr=0.03, schedule=[120, 160], momentum_help="momentum of SGD solver",
-                  weight_decay=1e-4, weight_decay_text="1e-4")
-    add_distributed_args(parser)
-    parser.add_argument("--number-net", default=2, type=int, metavar="N", help="number of peer networks")
-    parser.add_argument("--moco-dim", default=128, type=int, help="feature dimension (default: 128)")
-    parser.add_argument("--moco-k", default=65536, type=int,
-                        help="queue size; number of negative keys (default: 65536); need not be a "
-                             "multiple of the batch (the queue wraps around)")
-    parser.add_argument("--moco-m", default=0.999, type=float,
-                        help="moco momentum of updating key encoder (default: 0.999)")
-    parser.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature (default: 0.07)")
-    parser.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
-    parser.add_argument("--mlp", action="store_true", help="use mlp head (MoCo v2: Linear, ReLU, Linear)")
-    parser.add_argument("--aug-plus", action="store_true", help="use moco v2 data augmentation")
-    parser.add_argument("--cos", action="store_true", help="use cosine lr schedule")
-    add_smoke_args(parser)
-    g = parser.add_argument_group("more additions")
-    g.add_argument("--kd-T", default=3.0, type=float, help="temperature of the soft (KL) terms (the original's 3)")
+    orig = parser.add_argument_group("flags of the original")
+    orig.add_argument("--data", metavar="DIR", default="./data/ImageNet/", type=str,
+                      help="path to dataset (an ImageFolder with train/)")
+    orig.add_argument("-a", "--arch", metavar="ARCH", default="resnet50", choices=encoder_names(),
+                      help="encoder architecture: " + " | ".join(encoder_names()))
+    add_loop_args(orig, epochs=200, lr=0.03, schedule=[120, 160], momentum_help="momentum of SGD solver",
+                  weight_decay=1e-4)
+    add_distributed_args(orig)
+    orig.add_argument("--number-net", default=2, type=int, metavar="N", help="number of peer networks")
+    orig.add_argument("--moco-dim", default=128, type=int, help="feature dimension")
+    orig.add_argument("--moco-k", default=65536, type=int,
+                      help="queue size; number of negative keys; need not be a "
+                           "multiple of the batch (the queue wraps around)")
+    orig.add_argument("--moco-m", default=0.999, type=float,
+                      help="moco momentum of updating key encoder")
+    orig.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
+    orig.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
+    orig.add_argument("--mlp", action="store_true", help="use mlp head (MoCo v2: Linear, ReLU, Linear)")
+    orig.add_argument("--aug-plus", action="store_true", help="use moco v2 data augmentation")
+    orig.add_argument("--cos", action="store_true", help="use cosine lr schedule")
+    g = add_moco_additions(parser)
+    g.add_argument("--kd-T", "--kd_T", default=3.0, type=float,
+                   help="temperature of the soft (KL) terms (the original's 3)")
     g.add_argument("--knn-data", default="", type=str,
                    help="small labelled ImageFolder with train/ and val/: after every epoch, weighted kNN "
-                        "top-1 of each query encoder's pooled features (off when empty)")
+                      "top-1 of each query encoder's pooled features (off when empty)")
     g.add_argument("--knn-k", default=200, type=int, help="neighbours of the kNN monitor")
     g.add_argument("--knn-t", default=0.1, type=float, help="temperature of the kNN monitor's weights")
-    g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower on GPU)")
     return parser
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    apply_fast(args)
     check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--number-net": args.number_net,
                         "--moco-dim": args.moco_dim, "--moco-k": args.moco_k, "--print-freq": args.print_freq})
     if not 0.0 <= args.moco_m < 1.0:
@@ -153,7 +154,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     check_queue_size(args.moco_k, batch * ctx.world_size)
     run_dir = args.checkpoint
     if ctx.is_main:
-        prepare_run_dir(run_dir)
+        claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     resume_path = resolve_resume(args.resume, None, run_dir)
     ckpt = load_resume_checkpoint(resume_path, args) if resume_path else None
     if already_finished(ckpt, args.epochs, resume_path, ctx.is_main, " (raise --epochs to train longer)"):
@@ -175,7 +176,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
                    sampler_seed=sampler_seed)
     loop.state.epoch = args.start_epoch
     if ckpt is not None:
-        loop.restore(ckpt)
+        loop.restore(ckpt, resume_path)
     loop.announce(config, describe_run(args, ctx, len(train_data.dataset), batch), resume_path if ckpt else None)
     return loop.fit()
 

@@ -1,7 +1,12 @@
 """Mutual Contrastive Learning (Yang et al., AAAI 2022): a reimplementation in PyTorch.
 
-Install for development (editable, so the entry scripts and packages stay in place):
     pip install -e ".[test]"
+
+installs the dependencies (and the test extra). The project runs from its checkout, as
+the original does: the entry scripts import ``models``, ``losses``, ``data`` and ``utils``
+from the folder they sit in. Those generic names are deliberately NOT installed into
+site-packages, where they would collide with other projects' packages of the same names
+(the original's own ``models`` package among them).
 """
 import os
 
@@ -23,9 +28,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.9",
-    packages=["models", "losses", "data", "utils"],
-    package_data={"models": ["csrc/*.cpp"]},  # the fused BatchNorm+ReLU kernel, built on first use
-    py_modules=["main_cifar", "main_imagenet", "main_moco_mcl", "main_lincls"],
+    packages=[],  # see the docstring: the code runs from the checkout
+    py_modules=[],
     install_requires=requirements(),
     extras_require={
         "test": ["pytest>=7", "scipy>=1.9"],

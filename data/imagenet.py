@@ -1,4 +1,4 @@
-"""ImageNet-style folders with positive/negative indices for the memory-bank contrast (SPEC §3).
+"""ImageNet-style folders with positive/negative indices for the memory-bank contrast (docs/method.md §3).
 
 Memory is O(number of images): no per-class list of negatives (the original's
 lists hold about N * (C - 1) / C indices per class, ~5 GB for ImageNet-1k).

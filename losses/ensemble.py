@@ -1,4 +1,4 @@
-"""Logit distillation from the cohort's ensemble (SPEC section 5)."""
+"""Logit distillation from the cohort's ensemble (docs/method.md §5)."""
 from typing import List
 
 import torch

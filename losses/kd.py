@@ -1,5 +1,5 @@
 """Temperature-scaled KL distillation (Hinton et al.), used by every soft MCL term and
-by logit distillation (SPEC sections 2 and 5)."""
+by logit distillation (docs/method.md §2 and §5)."""
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,4 @@
-"""Supervised Mutual Contrastive Learning with in-batch contrast (SPEC section 2).
+"""Supervised Mutual Contrastive Learning with in-batch contrast (docs/method.md §2).
 
 Vocabulary: for networks a and b, the "own" logits of a contrast a's embeddings with
 themselves (VCL), the "cross" logits contrast a's anchors with b's keys (ICL). The soft
@@ -113,10 +113,10 @@ def at_least_float32(logits: Tensor) -> Tensor:
 def assemble_mcl_losses(own_logits: Sequence[Tensor], cross_logits: Sequence[Sequence[Tensor]],
                         own_loss: Callable[[Tensor], Tensor],
                         cross_loss: Callable[[Tensor], Tensor], kd_T: float) -> MCLLosses:
-    """Combine per-network logits into the four MCL terms (SPEC sections 2-4).
+    """Combine per-network logits into the four MCL terms (docs/method.md §2-§4).
 
     own_logits[a]: network a's own logits; cross_logits[a][b]: anchors of one network vs
-    keys of the other, with the SPEC's (a, b) convention (used only for a != b).
+    keys of the other, with the (a, b) convention of docs/method.md §2 (used only for a != b).
     VCL = sum_a own_loss(own_a); SoftVCL = sum_{a != b} KL_T(own_a, own_b.detach());
     ICL = sum_{a<b} cross_loss(X_ab) + cross_loss(X_ba);
     SoftICL = sum_{a<b} KL_T(X_ab, X_ba.detach()) + KL_T(X_ba, X_ab.detach()).
@@ -141,7 +141,7 @@ def _sum_or(terms: List[Tensor], zero: Tensor) -> Tensor:
 
 def sup_mcl_losses(embeddings: Sequence[Tensor], labels: Tensor, tau: float,
                    kd_T: float) -> MCLLosses:
-    """In-batch supervised MCL terms (SPEC section 2).
+    """In-batch supervised MCL terms (docs/method.md §2).
 
     embeddings: N tensors (B, D), L2-normalised; labels (B,). S_ab = e_a e_b^T / tau.
     Positives: same class, never the row's own column; the denominator leaves the own

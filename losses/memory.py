@@ -1,4 +1,4 @@
-"""Supervised MCL against per-network memory banks (ImageNet, SPEC section 3).
+"""Supervised MCL against per-network memory banks (ImageNet, docs/method.md §3).
 
 Each network n keeps a bank M_n (n_data, D) of momentum-averaged, L2-normalised
 embeddings, one row per training sample. The banks are constants for the loss (never
@@ -52,7 +52,7 @@ def first_columns_mask(num_columns: int, num_positive: int, device: torch.device
 
 def memory_mcl_losses(embeddings: Sequence[Tensor], memories: Sequence[Tensor], pos_idx: Tensor,
                       neg_idx: Tensor, tau: float, kd_T: float) -> MCLLosses:
-    """Memory-bank MCL terms (SPEC section 3).
+    """Memory-bank MCL terms (docs/method.md §3).
 
     embeddings: N (B, D) L2-normalised; memories: N (n_data, D) banks (read only);
     pos_idx (B, 1 + pos_k) long, column 0 = the sample's own index; neg_idx (B, neg_k).

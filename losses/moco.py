@@ -1,4 +1,4 @@
-"""Self-supervised MCL losses on MoCo queues (SPEC section 4).
+"""Self-supervised MCL losses on MoCo queues (docs/method.md §4).
 
 For networks a, b with queries q_a (B, D), keys k_b (B, D) and queue Q_b (D, K):
 

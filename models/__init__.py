@@ -1,7 +1,7 @@
 """Networks of the project and the cohorts that train them together.
 
-Importing this package registers every architecture (SPEC section 6), in the order
-of SPEC section 11's table.
+Importing this package registers every architecture (docs/method.md §6), in the order
+of the network table of docs/method.md §6.4.
 """
 from typing import List
 

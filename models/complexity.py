@@ -3,7 +3,7 @@
 Multiply-adds count only the weights of Conv2d and Linear layers (no BN, no
 activations, no biases), per sample: a Conv2d costs
 in * out * kh * kw * out_h * out_w / groups, a Linear costs in * out. This is the
-table of SPEC section 11.
+table of docs/method.md §6.4.
 
 Like the original, a conv's out_h/out_w come from (in + 2 * padding - kernel) //
 stride + 1, which ignores dilation: a dilated conv is counted at a slightly larger

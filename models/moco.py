@@ -1,4 +1,4 @@
-"""MoCo with a cohort of N networks (self-supervised MCL, SPEC section 4).
+"""MoCo with a cohort of N networks (self-supervised MCL, docs/method.md §4).
 
 One class, :class:`MoCoMCL`, holds N query encoders, N momentum key encoders and
 one queue of negative keys per network. It computes normalised queries and keys;
@@ -8,7 +8,7 @@ step calls :meth:`MoCoMCL.enqueue`.
 Encoders are torchvision ImageNet networks whose ``fc`` outputs ``dim`` values.
 With ``mlp=True`` the fc becomes the MoCo v2 head ``Linear(d, d) -> ReLU ->
 Linear(d, dim)`` (the original's ``--mlp`` set an attribute with a dotted name and
-so never changed the network; SPEC section 9).
+so never changed the network; docs/method.md §9).
 
 Shuffled BN: under DDP the key batch is shuffled across ranks before the key
 encoders and restored afterwards, so that BatchNorm statistics of a key batch do

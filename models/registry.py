@@ -10,7 +10,7 @@ both cohort topologies of the original:
 A whole network is ``branch(stem(x))``; the branched cohort shares one stem
 between N branches. ``topology`` ("independent" or "branched") is passed to the
 builders because the original initialises some families differently in the two
-cases (see SPEC section 11).
+cases (see docs/method.md §6.4).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, List

@@ -1,4 +1,4 @@
-"""ImageNet-style folder with positive/negative contrast indices (SPEC §3)."""
+"""ImageNet-style folder with positive/negative contrast indices (docs/method.md §3)."""
 
 import numpy as np
 import pytest

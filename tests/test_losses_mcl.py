@@ -1,6 +1,6 @@
-"""sup_mcl_losses (SPEC section 2) against explicit float64 loops, and the projection head.
+"""sup_mcl_losses (docs/method.md §2) against explicit float64 loops, and the projection head.
 
-The slow reference below is written term by term from the SPEC with Python loops over
+The slow reference below is written term by term from docs/method.md §2 with Python loops over
 networks a, b and rows/columns i, j. It is differentiable (0-d tensors), with the
 teacher side of every KL built from detached embeddings, so comparing gradients checks
 the detaches as well as the values.
@@ -223,7 +223,7 @@ def test_projection_head_is_unit_norm():
     out = head(torch.randn(5, 64))
     assert out.shape == (5, 128)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
-    assert sum(p.numel() for p in head.parameters()) == 24832  # SPEC section 11
+    assert sum(p.numel() for p in head.parameters()) == 24832  # docs/method.md §6.4
 
 
 def test_build_projection_heads():

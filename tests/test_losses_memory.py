@@ -1,6 +1,6 @@
-"""memory_mcl_losses / update_memories / init_memory (SPEC section 3) against float64 loops.
+"""memory_mcl_losses / update_memories / init_memory (docs/method.md §3) against float64 loops.
 
-The slow reference is written from the SPEC with loops over networks a, b, samples i and
+The slow reference is written from docs/method.md §3 with loops over networks a, b, samples i and
 columns k; it is differentiable with the KL teachers built from detached embeddings and
 the memories read as constants, so gradient comparison checks the detaches too.
 """

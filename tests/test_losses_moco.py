@@ -1,4 +1,4 @@
-"""moco_mcl_losses against slow per-sample formulas written from SPEC section 4."""
+"""moco_mcl_losses against slow per-sample formulas written from docs/method.md §4."""
 import math
 
 import pytest

@@ -85,6 +85,7 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
     assert len(records[0]["knn"]["top1"]) == 2 and len(records[0]["train"]["top1"]) == 2
     final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
     assert os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(final)
+    assert os.path.samefile(final, os.path.join(run_dir, "checkpoint.pth.tar"))  # a link, not a second copy
 
     lin_dir = str(tmp_path / "lincls")
     assert main_lincls.main(TINY + ["--data", image_root, "--pretrained", final, "--net-index", "1",

@@ -1,4 +1,4 @@
-"""Networks and cohorts: sizes of SPEC section 11, shapes, topologies, errors."""
+"""Networks and cohorts: sizes of docs/method.md §6.4, shapes, topologies, errors."""
 from functools import lru_cache
 
 import pytest
@@ -19,7 +19,7 @@ from models import (
 from models.registry import get_spec
 from utils.errors import ConfigError
 
-# name: (params per net, stem S, branch B, feature dim, multiply-adds in M) - SPEC section 11
+# name: (params per net, stem S, branch B, feature dim, multiply-adds in M) - docs/method.md §6.4
 TABLE = {
     "resnet32": (472_756, 23_824, 448_932, 64, 69.13),
     "resnet56": (861_620, 42_512, 819_108, 64, 125.75),
@@ -266,7 +266,7 @@ def test_torchvision_model_feature_is_input_of_its_classifier():
 @pytest.mark.parametrize("topology", ["independent", "branched"])
 @pytest.mark.parametrize("name", CIFAR_ARCHS)
 def test_explicit_topologies_for_two_to_four_networks(name, topology, number_net):
-    """Either topology for any N: independent = N x per-net, branched = S + N x B (SPEC section 11)."""
+    """Either topology for any N: independent = N x per-net, branched = S + N x B (docs/method.md §6.4)."""
     skip_if_unregistered(name)
     per_net, stem, branch, _, _ = TABLE[name]
     cohort = build_cohort(name, number_net, 100, topology)

@@ -1,4 +1,4 @@
-"""HCGNet-A1/A2: sizes and multiply-adds equal the original's (SPEC section 11)."""
+"""HCGNet-A1/A2: sizes and multiply-adds equal the original's (docs/method.md §6.4)."""
 from typing import Dict, Tuple
 
 import pytest
@@ -38,7 +38,7 @@ def count_multiply_adds(model: nn.Module, shape: Tuple[int, ...], dilation_aware
 
     With ``dilation_aware=False`` the output size of a conv is computed as the
     original's counter does, (in + 2*pad - kernel) // stride + 1, ignoring
-    dilation; that is how SPEC section 11's table was produced.
+    dilation; that is how the network table of docs/method.md §6.4 was produced.
     """
     total = [0]
 
@@ -181,7 +181,7 @@ def test_project_counter_agrees(nets: Dict[str, Net], name: str) -> None:
     assert complexity.count_parameters(net) == FACTS[name][2]
     counted = complexity.count_multiply_adds(net, (1, 3, 32, 32))
     # Either convention is acceptable here: the true output size (dilation
-    # aware) or the original's dilation-blind one that gives SPEC's table.
+    # aware) or the original's dilation-blind one that gives the table of docs/method.md §6.4.
     assert counted in (
         count_multiply_adds(net, (1, 3, 32, 32), True),
         count_multiply_adds(net, (1, 3, 32, 32), False),

@@ -241,3 +241,29 @@ def test_non_finite_loss_stops_with_the_terms_and_keeps_the_checkpoint(tmp_path,
     assert exc.value.code == 3
     assert "non-finite loss at epoch 1 step 2" in err and "loss_cls=" in err and "vcl=" in err
     assert load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))["step"] == 2
+
+
+@pytest.mark.parametrize("lr", ["1e6", "1e38"])
+def test_an_exploding_run_never_writes_a_poisoned_checkpoint(tmp_path, lr):
+    """Huge learning rates overflow the weights; no checkpoint or metrics line with a NaN/inf is written,
+    and the checkpoint the message names exists and is finite (or the message says none was written)."""
+    run_dir = tmp_path / "r"
+    out = cli(RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r", "--init-lr", lr, "--epochs", "3"])
+    assert out.returncode == 3, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: non-finite") and "Traceback" not in out.stderr
+    from utils.loop import first_non_finite
+
+    for name in ("checkpoint.pth.tar", "best.pth.tar"):
+        if (run_dir / name).exists():
+            ckpt = load_checkpoint(str(run_dir / name))
+            assert first_non_finite({"model": ckpt["model"], "heads": ckpt["heads"] or {},
+                                     "optimizer": ckpt["optimizer"]["state"]}) is None, name
+    if "the latest good checkpoint is" in line:
+        named = line.split("the latest good checkpoint is ")[1].split(";")[0]
+        assert os.path.exists(named)
+    else:
+        assert "no checkpoint was written" in line
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        assert "NaN" not in metrics.read_text() and "Infinity" not in metrics.read_text()

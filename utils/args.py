@@ -8,6 +8,7 @@ supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
 import argparse
 from typing import Dict, Sequence
 
+from models.registry import registered_names
 from utils import distributed as du
 from utils.errors import ConfigError
 
@@ -41,8 +42,9 @@ def add_original_training_args(
     g.add_argument("--data", default=data, type=str, help="dataset directory")
     g.add_argument("--dataset", default=dataset, type=str, help=dataset_help)
     g.add_argument("--arch", default=arch, type=str,
-                   help="network architecture; a comma-separated list (e.g. resnet32,wrn_16_2) "
-                        "gives a mixed, independent cohort")
+                   help="network architecture: " + ", ".join(registered_names()) + ", or any torchvision "
+                        "classification model name (e.g. mobilenet_v2; independent cohorts only); a "
+                        "comma-separated list (e.g. resnet32,wrn_16_2) gives a mixed, independent cohort")
     g.add_argument("--init-lr", default=0.1, type=float, help="initial learning rate")
     g.add_argument("--weight-decay", default=weight_decay, type=float, help="weight decay")
     g.add_argument("--lr-type", default=lr_type, choices=("cosine", "multistep"),
@@ -56,7 +58,7 @@ def add_original_training_args(
                    help="DataLoader worker processes (per process)")
     g.add_argument("--gpu-id", type=str, default=None,
                    help="sets CUDA_VISIBLE_DEVICES (the original's default was 0; unset leaves it alone)")
-    g.add_argument("--manual_seed", type=int, default=0, help="random seed")
+    g.add_argument("--manual_seed", "--seed", type=int, default=0, help="random seed")
     g.add_argument("--resume", "-r", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="resume: alone or 'auto' continues the run directory's latest checkpoint "
                         "(or starts fresh if there is none); a path resumes that file")
@@ -72,7 +74,7 @@ def add_original_training_args(
                    help="add logit distillation from the ensemble (mean of logits)")
     g.add_argument("--checkpoint-dir", default="./checkpoint", type=str,
                    help="parent directory of the run directories")
-    g.add_argument("--kd_T", type=float, default=3, help="temperature of the KL divergences")
+    g.add_argument("--kd_T", "--kd-T", type=float, default=3, help="temperature of the KL divergences")
     g.add_argument("--tau", default=tau, type=float, help="temperature of the contrastive distributions")
     g.add_argument("--alpha", type=float, default=0.0, help="weight of VCL")
     g.add_argument("--gamma", type=float, default=0.0, help="weight of soft VCL")
@@ -88,56 +90,73 @@ def add_precision_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--channels-last", action="store_true", help="channels_last memory format")
 
 
-def add_common_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+def add_common_additions(parser: argparse.ArgumentParser,
+                         fast_help: str = "the fast path: --amp bf16 --channels-last") -> argparse._ArgumentGroup:
     """Flags this project adds to both supervised scripts."""
     g = parser.add_argument_group("additions")
     g.add_argument("--cohort", default="auto", choices=("auto", "independent", "branched"),
                    help="cohort topology; auto = the original's rule (N == 2 independent, else branched)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where to train; auto = CUDA when available")
-    add_precision_args(g)
     g.add_argument("--eval-batch-size", type=int, default=0,
                    help="evaluation batch size per process (0 = 2 x --batch-size)")
+    g.add_argument("--run-name", default=None, type=str,
+                   help="name of the run directory under --checkpoint-dir (default: from arch, N, "
+                        "weights and seed)")
+    add_run_additions(g, save_every_steps=100, fast_help=fast_help)
+    return g
+
+
+def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
+                      fast_help: str = "the fast path: --amp bf16 --channels-last") -> None:
+    """The additions every script has, spelled the same in all four."""
+    g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
+    add_precision_args(g)
+    g.add_argument("--fast", action="store_true", help=fast_help)
+    g.add_argument("--threads", type=int, default=0,
+                   help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms (bitwise-exact resume on CPU), slower on GPU")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start again in a run directory that already holds a run, replacing its checkpoints "
+                        "and metrics (without it, such a directory needs --resume)")
+    g.add_argument("--save-every-steps", type=int, default=save_every_steps,
+                   help="also write the latest checkpoint every N training steps (0 = only at epoch ends)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stdout is "
+                                                               "not a terminal)")
     g.add_argument("--max-train-batches", type=int, default=0,
                    help="cap on training batches per epoch (0 = no cap; for smoke runs)")
     g.add_argument("--max-eval-batches", type=int, default=0,
                    help="cap on evaluation batches (0 = no cap; for smoke runs)")
-    g.add_argument("--run-name", default=None, type=str,
-                   help="name of the run directory under --checkpoint-dir (default: from arch, N, "
-                        "weights and seed)")
-    g.add_argument("--save-every-steps", type=int, default=100,
-                   help="also write the latest checkpoint every N training steps (0 = only at "
-                        "epoch ends)")
-    g.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (bitwise-exact resume on CPU), slower on GPU")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--threads", type=int, default=0,
-                   help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
-    return g
+
+
+def apply_fast(args: argparse.Namespace) -> None:
+    """--fast: bf16 autocast (unless --amp says otherwise) and channels_last."""
+    if args.fast:
+        args.amp = "bf16" if args.amp == "none" else args.amp
+        args.channels_last = True
 
 
 # ----------------------------------------------------------------------------- MoCo pre-training, linear evaluation
 
 def add_loop_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, schedule: Sequence[int],
-                  momentum_help: str, weight_decay: float, weight_decay_text: str) -> None:
+                  momentum_help: str, weight_decay: float) -> None:
     """The original's data-loading, schedule, optimizer, printing and resume flags (after --data and -a)."""
     parser.add_argument("-j", "--workers", default=32, type=int, metavar="N",
-                        help="number of data loading workers (default: 32, split over the processes of a node)")
+                        help="number of data loading workers, split over the processes of a node")
     parser.add_argument("--epochs", default=epochs, type=int, metavar="N", help="number of total epochs to run")
     parser.add_argument("--start-epoch", default=0, type=int, metavar="N",
                         help="manual epoch number (useful on restarts)")
     parser.add_argument("-b", "--batch-size", default=256, type=int, metavar="N",
-                        help="mini-batch size (default: 256), the total over the processes of this node")
+                        help="mini-batch size, the total over the processes of this node")
     parser.add_argument("--lr", "--learning-rate", default=lr, type=float, metavar="LR",
                         help="initial learning rate", dest="lr")
     parser.add_argument("--schedule", default=list(schedule), nargs="*", type=int,
                         help="learning rate schedule (when to drop lr by 10x)")
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help=momentum_help)
     parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",
-                        help=f"weight decay (default: {weight_decay_text})", dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency (default: 10)")
+                        help="weight decay", dest="weight_decay")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency (steps)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                        help="resume from PATH; alone: the latest checkpoint of --checkpoint (default: none)")
+                        help="resume from PATH; alone: the latest checkpoint of --checkpoint")
 
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -158,14 +177,16 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
                              "--world-size becomes nodes x processes per node")
 
 
-def add_smoke_args(parser: argparse.ArgumentParser) -> None:
-    """Additions: device, mixed precision and memory format, crop size, caps on batches."""
+def add_moco_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The additions of main_moco_mcl.py and main_lincls.py: the common ones and the crop size.
+
+    Mid-epoch checkpoints are off by default here (an ImageNet step is short and a
+    checkpoint holds every encoder); --save-every-steps N turns them on.
+    """
     g = parser.add_argument_group("additions")
-    g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
-    add_precision_args(g)
+    add_run_additions(g, save_every_steps=0)
     g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
-    g.add_argument("--max-train-batches", default=0, type=int, help="cap on training batches per epoch (0 = none)")
-    g.add_argument("--max-eval-batches", default=0, type=int, help="cap on evaluation batches (0 = none)")
+    return g
 
 
 def check_at_least_one(values: Dict[str, int]) -> None:

@@ -100,6 +100,19 @@ def _write_failure(err: BaseException, directory: str) -> Optional[str]:
     return None
 
 
+def link_checkpoint(src: str, dst: str) -> None:
+    """Make ``dst`` name the same file as ``src`` (a hard link, so no second copy on disk), replacing
+    ``dst`` atomically; a copy where the filesystem has no hard links."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, "." + os.path.basename(dst) + f".{os.getpid()}" + TMP_SUFFIX)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+    _fsync_dir(directory)
+
+
 def remove_stale_temporaries(directory: str) -> List[str]:
     """Delete the half-written ``.NAME.*.tmp`` files that killed saves left in ``directory``; their names."""
     removed = []

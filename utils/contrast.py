@@ -10,7 +10,7 @@ from utils.distributed import all_gather_grad, all_gather_nograd
 
 
 class InBatchContrast:
-    """CIFAR's supervised MCL over the global batch (SPEC section 2).
+    """CIFAR's supervised MCL over the global batch (docs/method.md §2).
 
     Under DDP the embeddings of every rank are gathered with gradient and the labels
     without, so every rank computes the loss of the whole global batch, exactly as
@@ -28,7 +28,7 @@ class InBatchContrast:
 
 
 class MemoryContrast(nn.Module):
-    """ImageNet's supervised MCL against one memory bank per network (SPEC section 3).
+    """ImageNet's supervised MCL against one memory bank per network (docs/method.md §3).
 
     The banks are buffers ``memory_0 ... memory_{N-1}``, each (n_data, feat_dim), so
     ``state_dict``/``load_state_dict`` save and restore them with the checkpoint. They

@@ -87,6 +87,8 @@ def node_share(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> Tu
     """
     node_procs = processes_on_this_node(args, ctx, nprocs)
     limit_cpu_threads(ctx, node_procs)
+    if args.threads > 0:  # an explicit --threads wins
+        torch.set_num_threads(args.threads)
     batch = per_process(args.batch_size, node_procs, "--batch-size")
     workers = (args.workers + node_procs - 1) // node_procs
     return batch, workers

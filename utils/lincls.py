@@ -1,4 +1,4 @@
-"""Linear evaluation of main_lincls.py (SPEC section 4): a torchvision classifier with a
+"""Linear evaluation of main_lincls.py (docs/method.md §4): a torchvision classifier with a
 frozen pre-trained backbone (eval mode, BatchNorm statistics too) and a fresh fc; the
 epoch loop, evaluation and the check that no weight outside the fc changed."""
 from typing import Any, Dict, List, Optional, Tuple

@@ -31,7 +31,7 @@ from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
 from utils.errors import UserError
-from utils.run_files import RunLogger, read_metrics
+from utils.run_files import RunLogger, read_metrics, unlock_run_dir
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision, backward_and_step, make_grad_scaler
 from utils.schedule import lr_at_epoch, set_lr
@@ -52,6 +52,20 @@ def _debug_signal() -> Optional[Tuple[int, int]]:
 
 class NonFiniteLossError(UserError):
     exit_code = 3
+
+
+def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]:
+    """The name of the first floating-point tensor with a NaN or infinity in a nested dict of
+    tensors (a state dict, an optimizer state), or None when every value is finite."""
+    for key, value in tensors.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            found = first_non_finite(value, name + ".")
+            if found is not None:
+                return found
+        elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 @dataclass
@@ -245,6 +259,7 @@ class RunLoop(RunDirCheckpoints):
         self.state = RunState(train_acc=AccuracyCounter(method.num_heads))
         self.scaler = make_grad_scaler(precision.amp)
         self.stop = StopRequest()
+        self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
         self._debug_signal = _debug_signal()
 
@@ -268,12 +283,30 @@ class RunLoop(RunDirCheckpoints):
         }
 
     def save(self, path: Optional[str] = None, for_best: bool = False) -> None:
-        """Write the latest checkpoint (or ``path``), on rank 0 only."""
-        if self.ctx.is_main:
-            atomic_save(self.checkpoint(for_best), path or self.latest_path)
+        """Write the latest checkpoint (or ``path``), on rank 0 only; never one holding a NaN or infinity."""
+        if not self.ctx.is_main:
+            return
+        self.check_finite_state()
+        atomic_save(self.checkpoint(for_best), path or self.latest_path)
+        if path is None:
+            self.last_saved = self.latest_path
 
-    def restore(self, ckpt: Dict[str, Any]) -> None:
-        """Continue from ``ckpt`` exactly where it was written."""
+    def check_finite_state(self) -> None:
+        """NonFiniteLossError when a weight, buffer or optimizer state holds a NaN or infinity."""
+        state = {"model": self.method.model_state(), "optimizer": self.optimizer.state_dict()["state"]}
+        bad = first_non_finite(state)
+        if bad is not None:
+            s = self.state
+            raise NonFiniteLossError(f"non-finite value in {bad} at epoch {s.epoch + 1} step {s.step}; "
+                                     f"{self._good_checkpoint_hint()}")
+
+    def _good_checkpoint_hint(self) -> str:
+        if self.last_saved is None:
+            return f"no checkpoint was written; lower {self.method.lr_flag}"
+        return f"the latest good checkpoint is {self.last_saved}; lower {self.method.lr_flag}"
+
+    def restore(self, ckpt: Dict[str, Any], path: Optional[str] = None) -> None:
+        """Continue from ``ckpt`` (read from ``path``) exactly where it was written."""
         self.method.load_model_state(ckpt)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scaler is not None and ckpt.get("scaler"):
@@ -289,6 +322,7 @@ class RunLoop(RunDirCheckpoints):
             s.train_acc.load_state_dict(meters["train_acc"])
             s.elapsed, s.images = float(meters["elapsed"]), int(meters.get("images", 0))
         restore_rng_state(ckpt.get("rng"))
+        self.last_saved = path
         if self.method.rank_streams:
             decorrelate_ranks(self.ctx)
 
@@ -315,9 +349,8 @@ class RunLoop(RunDirCheckpoints):
         if not all(math.isfinite(v) for v in values):
             detail = ", ".join(f"{k}={v:.6g}" for k, v in named.items())
             raise NonFiniteLossError(
-                f"non-finite loss at epoch {s.epoch + 1} step {s.step}: {detail}; the latest good checkpoint "
-                f"is {self.latest_path}; lower {method.lr_flag}" + (" or use --amp none" if self.precision.amp
-                                                                    != "none" else ""))
+                f"non-finite loss at epoch {s.epoch + 1} step {s.step}: {detail}; {self._good_checkpoint_hint()}"
+                + (" or use --amp none" if self.precision.amp != "none" else ""))
         backward_and_step(out.terms["loss"], self.optimizer, self.scaler)
         if out.after_update is not None:
             out.after_update()
@@ -374,6 +407,8 @@ class RunLoop(RunDirCheckpoints):
         """Evaluate, record, advance to the next epoch, save (latest, then best), log."""
         s = self.state
         self.method.check()
+        if self.ctx.is_main:
+            self.check_finite_state()  # before evaluating and recording weights that overflowed
         lr = self.optimizer.param_groups[0]["lr"]
         train = reduced_means(s.train_acc, s.train_meter, self.method.terms, self.ctx.device)
         record: Dict[str, Any] = {
@@ -420,6 +455,7 @@ class RunLoop(RunDirCheckpoints):
         finally:
             self.stop.restore()
             self.logger.close()
+            unlock_run_dir(self.run_dir)
 
     def _stopped(self) -> int:
         """Say where the stopped run was saved and how to resume; the exit code (130 for SIGINT)."""

@@ -14,7 +14,7 @@ import torch
 from losses.moco import instance_logits, moco_mcl_losses
 from models.moco import MoCoMCL
 from utils import distributed as du
-from utils.checkpoint import atomic_save
+from utils.checkpoint import link_checkpoint
 from utils.errors import CheckpointError
 from utils.knn import knn_top1
 from utils.loop import Method, StepResult
@@ -91,7 +91,7 @@ class MocoMethod(Method):
 
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
         final = os.path.join(loop.run_dir, f"checkpoint_{self.args.epochs - 1:04d}.pth.tar")
-        atomic_save(loop.checkpoint(), final)
+        link_checkpoint(loop.latest_path, final)  # the finished latest checkpoint under the original's name
         loop.logger.text(f"finished {self.args.epochs} epochs; encoders for main_lincls.py: {final}")
 
     def summary(self, state: Any, records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:

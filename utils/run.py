@@ -132,9 +132,9 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     plan = RunPlan(topology, os.path.join(args.checkpoint_dir, run_name))
     if args.evaluate:
         return plan
-    if ctx.is_main:
-        prepare_run_dir(plan.run_dir, "--checkpoint-dir")
     plan.resume_path = resolve_resume(args.resume, args.resume_checkpoint, plan.run_dir)
+    if ctx.is_main:
+        claim_run_dir(plan.run_dir, "--checkpoint-dir", args.resume is not None, args.overwrite)
     if plan.resume_path is not None:
         plan.ckpt = load_for_run(plan.resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
         plan.already_finished = already_finished(plan.ckpt, args.epochs, plan.resume_path, ctx.is_main,
@@ -162,6 +162,17 @@ def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, 
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return cohort, model, build_sgd(model.parameters(), args.init_lr, args.weight_decay)
+
+
+def claim_run_dir(path: str, flag: str, resuming: bool, overwrite: bool) -> None:
+    """Rank 0, before training: the run directory exists and is writable, no other process uses it
+    (an exclusive lock held until this process ends), and a fresh start does not silently replace
+    the run it holds (see utils.run_files.check_run_dir_free)."""
+    from utils.run_files import check_run_dir_free, lock_run_dir
+
+    prepare_run_dir(path, flag)
+    lock_run_dir(path)
+    check_run_dir_free(path, resuming, overwrite)
 
 
 def prepare_run_dir(path: str, flag: str = "--checkpoint") -> None:
@@ -207,5 +218,5 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
     loop = RunLoop(method, optimizer, train_data, ctx, LoopConfig.from_flags(args), precision, logger, plan.run_dir,
                    meta)
     if plan.ckpt is not None:
-        loop.restore(plan.ckpt)
+        loop.restore(plan.ckpt, plan.resume_path)
     return loop

@@ -2,11 +2,63 @@
 
 Only the main process writes; other ranks get a logger whose methods do nothing.
 """
+import fcntl
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from utils.errors import ConfigError
+
+RUN_FILES = ("checkpoint.pth.tar", "metrics.jsonl", "summary.json")
+LOCK_FILE = ".lock"
+_held_locks: Dict[str, Any] = {}  # run directory -> open lock file, for the life of the process
+
+
+def holds_a_run(run_dir: str) -> bool:
+    """True when ``run_dir`` already has a checkpoint, metrics or a summary of some run."""
+    return any(os.path.exists(os.path.join(run_dir, name)) for name in RUN_FILES)
+
+
+def check_run_dir_free(run_dir: str, resuming: bool, overwrite: bool) -> None:
+    """ConfigError when a fresh start would overwrite the run that ``run_dir`` holds.
+
+    A run directory is reused only by an explicit choice: --resume continues the run,
+    --overwrite starts it again.
+    """
+    if resuming or overwrite or not holds_a_run(run_dir):
+        return
+    raise ConfigError(f"{run_dir} already holds a run; add --resume to continue it, or --overwrite to "
+                      "start it again (its checkpoints and metrics are then replaced)")
+
+
+def lock_run_dir(run_dir: str) -> None:
+    """Take an exclusive lock on ``run_dir`` for the life of this process (the OS drops it when the
+    process dies); ConfigError naming the process that holds it already."""
+    path = os.path.join(run_dir, LOCK_FILE)
+    if run_dir in _held_locks:
+        return
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to end, or choose another run "
+                          "directory (--run-name / --checkpoint)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    _held_locks[run_dir] = f
+
+
+def unlock_run_dir(run_dir: str) -> None:
+    """Release :func:`lock_run_dir`'s lock (also released when the process ends)."""
+    f: Optional[Any] = _held_locks.pop(run_dir, None)
+    if f is not None:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        f.close()
 
 
 def ensure_writable_dir(path: str) -> str:
