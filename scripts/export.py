@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-from utils import results  # noqa: E402
+from models.export import export_network  # noqa: E402
 from utils.args import HelpFormatter  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.cli import run_main  # noqa: E402
@@ -81,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
-    payload, notes = results.export_network(args.source, args.net_index, args.which, args.torchvision, args.drop_fc)
+    payload, notes = export_network(args.source, args.net_index, args.which, args.torchvision, args.drop_fc)
     for note in notes:
         print(note, file=sys.stderr)
     atomic_save(payload, args.out)

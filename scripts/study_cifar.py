@@ -28,10 +28,12 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
-from utils import results  # noqa: E402
 from utils.args import HelpFormatter  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.groups import group_runs  # noqa: E402
+from utils.runs import load_runs  # noqa: E402
+from utils.tables import markdown_report  # noqa: E402
 
 MAIN_CIFAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_cifar.py")
 MCL_WEIGHTS = ["--alpha", "0.1", "--gamma", "1.", "--beta", "0.1", "--lam", "1."]  # the paper's MCL(x2)
@@ -98,8 +100,8 @@ def run_job(job: Job, command: List[str], out: str) -> int:
 
 def study_table(out: str) -> str:
     """The study's markdown: one table per metric, over the run directories under ``out``."""
-    groups = results.group_runs([results.load_run(path) for path in results.find_run_dirs([out])])
-    return "\n".join(results.markdown_report(groups, metric) for metric in METRICS)
+    groups = group_runs(load_runs([out]))
+    return "\n".join(markdown_report(groups, metric) for metric in METRICS)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

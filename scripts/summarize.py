@@ -12,10 +12,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-from utils import results  # noqa: E402
 from utils.args import HelpFormatter  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.groups import group_runs  # noqa: E402
+from utils.plots import plot_groups, require_matplotlib  # noqa: E402
+from utils.runs import load_runs  # noqa: E402
+from utils.tables import METRIC_DESCRIPTIONS, csv_report, markdown_report  # noqa: E402
 
 DESCRIPTION = """\
 Tabulate runs of main_cifar.py, main_imagenet.py and main_lincls.py.
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
                         help="run directories, folders holding run directories, or globs of them")
-    parser.add_argument("--metric", choices=tuple(results.METRIC_DESCRIPTIONS), default="paper",
+    parser.add_argument("--metric", choices=tuple(METRIC_DESCRIPTIONS), default="paper",
                         help="paper: best single network at its best epoch; "
                              "last: last-epoch mean over networks; ensemble: last-epoch ensemble")
     parser.add_argument("--csv", action="store_true", help="write CSV (one line per cell) instead of markdown")
@@ -87,13 +90,12 @@ def write_text(text: str, path: Optional[str]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
-        results.require_matplotlib()  # fail before any output
-    runs = [results.load_run(path) for path in results.find_run_dirs(args.runs)]
-    groups = results.group_runs(runs, ignore=args.ignore_key)
-    report = results.csv_report if args.csv else results.markdown_report
+        require_matplotlib()  # fail before any output
+    groups = group_runs(load_runs(args.runs), ignore=args.ignore_key)
+    report = csv_report if args.csv else markdown_report
     write_text(report(groups, args.metric, args.include_unfinished), args.out)
     if args.plot:
-        panels = results.plot_groups(groups, args.plot, args.include_unfinished)
+        panels = plot_groups(groups, args.plot, args.include_unfinished)
         print(f"wrote {args.plot} ({panels} panel{'s' if panels != 1 else ''})", file=sys.stderr)
     return 0
 

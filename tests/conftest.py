@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -13,4 +15,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads at import)
 
+from tests.fake_runs import write_runs  # noqa: E402
+
 torch.set_num_threads(1)
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    """Run directories of known curves (tests/fake_runs.py): three seeds of a baseline and of MCL(×2)."""
+    return write_runs(str(tmp_path / "runs"))

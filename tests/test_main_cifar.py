@@ -131,7 +131,7 @@ def test_gathered_contrast_gradient_matches_one_process():
 def test_exported_network_gives_the_cohort_logits(tmp_path, number_net):
     """A short real run, then scripts/export.py: the exported net alone equals its place in the cohort."""
     import models
-    from utils.results import export_network
+    from models.export import export_network
 
     run = train(tmp_path, "--arch", "resnet32", "--number-net", str(number_net), *MCL)
     ckpt = load_checkpoint(str(run / "best.pth.tar"))

@@ -1,7 +1,7 @@
 """Mapping of state_dict keys between a checkpoint's model and one of its networks.
 
-Pure dict work (no torch import), so utils/results.py stays light to import.
-Used by models/pretrained.py (main_lincls.py's backbones) and utils/results.py (export).
+Pure dict work (no torch import). models/pretrained.py's ``network_state`` puts
+these together into the one mapping that export and main_lincls.py share.
 """
 from typing import Any, Dict
 
@@ -11,6 +11,11 @@ DDP_PREFIX = "module."
 def take_prefix(state: Dict[str, Any], prefix: str, new_prefix: str = "") -> Dict[str, Any]:
     """Entries whose key starts with ``prefix``, re-prefixed with ``new_prefix``."""
     return {new_prefix + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def drop_module(state: Dict[str, Any], name: str) -> Dict[str, Any]:
+    """``state`` without the entries of submodule ``name``."""
+    return {k: v for k, v in state.items() if not k.startswith(name + ".")}
 
 
 def strip_ddp_prefix(state: Dict[str, Any]) -> Dict[str, Any]:
@@ -42,8 +47,3 @@ def splitnet_to_torchvision_keys(state: Dict[str, Any]) -> Dict[str, Any]:
     plain = {**take_prefix(state, "stem."), **take_prefix(state, "branch.")}
     return {k[len("model."):] if k.startswith("model.") else k: v for k, v in plain.items()}
 
-
-def cohort_member_torchvision_state(model_state: Dict[str, Any], index: int) -> Dict[str, Any]:
-    """Torchvision key names of network ``index`` of a main_imagenet.py cohort state."""
-    member = network_state_from_cohort_keys(model_state, cohort_topology(model_state), index)
-    return splitnet_to_torchvision_keys(member)

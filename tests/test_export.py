@@ -1,5 +1,4 @@
-"""scripts/export.py: one network of a cohort checkpoint, loadable without cohort code."""
-import importlib.util
+"""scripts/export.py (models/export.py): one network of a cohort checkpoint, loadable without cohort code."""
 import json
 import os
 
@@ -9,20 +8,10 @@ import torchvision
 
 import models
 from models.moco import MoCoMCL, pooled_features
-from utils import results
-from utils.cli import run_main
+from tests.script_helpers import script_cli
+from utils.state_keys import network_state_from_cohort_keys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export = load_script("export")
+run_export = script_cli("export")
 
 
 def randomize_bn(module):
@@ -51,13 +40,6 @@ def save_run(run_dir, cohort, arch, test_top1=None, script="main_cifar", file="b
             for epoch, top1 in enumerate(test_top1):
                 f.write(json.dumps({"epoch": epoch, "test": {"top1": top1, "ens_top1": max(top1)}}) + "\n")
     return path
-
-
-def run_export(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(export.main, argv)
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def cohort_logits(cohort, x):
@@ -113,7 +95,7 @@ def test_key_mapping_matches_the_cohort_members():
         cohort = models.build_cohort("resnet32", n, 10, topology)
         state = cohort.state_dict()
         for k in range(n):
-            mapped = results.network_state_from_cohort_keys(state, topology, k)
+            mapped = network_state_from_cohort_keys(state, topology, k)
             member = cohort.member(k).state_dict()
             assert mapped.keys() == member.keys()
             assert all(torch.equal(mapped[key], member[key]) for key in member)
@@ -190,3 +172,18 @@ def test_user_errors(tmp_path, capsys, case):
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1
     assert not os.path.exists(tmp_path / "x.pth")
+
+
+def test_export_and_pretrained_backbones_read_the_same_network(tmp_path, capsys):
+    """scripts/export.py and main_lincls.py --pretrained share one key mapping."""
+    from models.pretrained import backbone_state
+
+    cohort = models.build_cohort("resnet18", 2, 10)
+    ckpt_path = save_run(str(tmp_path / "run"), cohort, "resnet18", script="main_imagenet")
+    out_file = str(tmp_path / "tv.pth")
+    code, _, err = run_export([ckpt_path, "--net-index", "1", "--torchvision", "--drop-fc", "--out", out_file], capsys)
+    assert code == 0, err
+    exported = torch.load(out_file, weights_only=False)["state_dict"]
+    backbone, arch, _ = backbone_state(torch.load(ckpt_path, weights_only=False), 1, ckpt_path)
+    assert arch == "resnet18" and exported.keys() == backbone.keys()
+    assert all(torch.equal(exported[k], backbone[k]) for k in backbone)

@@ -1,0 +1,76 @@
+"""utils/tables.py through scripts/summarize.py: metrics, mean ± std cells, markdown and CSV."""
+import os
+
+import pytest
+
+from tests.fake_runs import CURVES, config_of, expected, last, paper, read_csv, write_run
+from tests.script_helpers import script_cli
+from utils import tables
+from utils.runs import load_run
+
+summarize_cli = script_cli("summarize")
+
+
+def test_paper_metric_means_and_stds_in_markdown(runs_root, capsys):
+    code, out, err = summarize_cli([runs_root], capsys)
+    assert code == 0, err
+    assert "Metric: paper" in out
+    assert "| Network | Baseline | MCL(×2) |" in out
+    mean_b, std_b = expected("baseline", paper)
+    mean_m, std_m = expected("mcl2", paper)
+    assert f"| ResNet-32 | {mean_b:.2f} ± {std_b:.2f} (3) | {mean_m:.2f} ± {std_m:.2f} (3) |" in out
+
+
+def test_csv_and_last_metric(runs_root, capsys):
+    code, out, _ = summarize_cli([os.path.join(runs_root, "*"), "--csv", "--metric", "last"], capsys)
+    assert code == 0
+    rows = read_csv(out)
+    assert set(rows) == {"Baseline", "MCL(×2)"}
+    for setting, label in (("baseline", "Baseline"), ("mcl2", "MCL(×2)")):
+        mean, std = expected(setting, last)
+        assert float(rows[label]["mean"]) == pytest.approx(mean, abs=1e-4)
+        assert float(rows[label]["std"]) == pytest.approx(std, abs=1e-4)
+        assert rows[label]["n"] == "3" and rows[label]["metric"] == "last"
+        assert rows[label]["seeds"] == "0 1 2"
+
+
+def test_paper_metric_reads_every_epoch_not_only_the_last(runs_root):
+    run = load_run(os.path.join(runs_root, "baseline_s0"))
+    assert tables.paper_metric(run) == 70  # epoch 2, net 0; the last epoch's best is 69
+    assert tables.last_metric(run) == pytest.approx(68.5)
+
+
+def test_unfinished_run_is_listed_and_excluded_then_marked(runs_root, capsys, tmp_path):
+    write_run(runs_root, "mcl2_s3", config_of("mcl2", 3), [[90, 90], [99, 99]], finished=False)
+    code, out, _ = summarize_cli([runs_root], capsys)
+    assert code == 0
+    mean_m, std_m = expected("mcl2", paper)
+    assert f"{mean_m:.2f} ± {std_m:.2f} (3) |" in out
+    assert "Unfinished runs" in out and "mcl2_s3: 2/4 epochs" in out
+
+    out_file = str(tmp_path / "table.csv")
+    code, out, _ = summarize_cli([runs_root, "--include-unfinished", "--csv", "--out", out_file], capsys)
+    assert code == 0 and out == ""
+    with open(out_file) as f:
+        rows = read_csv(f.read())
+    assert rows["MCL(×2)"]["n"] == "4" and rows["MCL(×2)"]["includes_unfinished"] == "1"
+    assert rows["Baseline"]["includes_unfinished"] == "0"
+
+    code, out, _ = summarize_cli([runs_root, "--include-unfinished"], capsys)
+    assert "(4)*" in out
+
+
+def test_single_run_has_no_std_and_other_settings_get_descriptive_columns(tmp_path, capsys):
+    root = str(tmp_path)
+    write_run(root, "a", config_of("mcl2", 0), CURVES[("mcl2", 0)])
+    write_run(root, "b", dict(config_of("mcl2", 0), tau=0.07), CURVES[("mcl2", 1)])
+    write_run(root, "c", dict(config_of("mcl2", 0), number_net=4, logit_distill=True), CURVES[("mcl2", 2)])
+    write_run(root, "d", dict(config_of("baseline", 0), alpha=0.1, beta=0.1), CURVES[("mcl2", 2)])
+    write_run(root, "e", dict(config_of("baseline", 0), arch="wrn_16_2"), CURVES[("baseline", 0)])
+    code, out, _ = summarize_cli([root], capsys)
+    assert code == 0
+    header = next(line for line in out.splitlines() if line.startswith("| Network"))
+    assert header == ("| Network | Baseline | MCL(×2) tau=0.07 | MCL(×2) tau=0.1 | MCL(×4)+Logit KD "
+                      "| MCL(×2) [VCL+ICL] |")
+    assert f"| {paper(CURVES[('mcl2', 0)]):.2f} (1) |" in out
+    assert "| WRN-16-2 | 70.00 (1) |  |  |  |  |" in out
