@@ -203,7 +203,7 @@ class SupervisedMethod(Method):
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
         last = ", ".join(f"{v:.2f}" for v in summary["last_top1"])
         loop.logger.text(
-            f"best single-network top-1 (the paper's metric): {summary['best_acc']:.2f} "
+            f"best single-network top-1 at its best epoch (the paper's CIFAR metric): {summary['best_acc']:.2f} "
             f"at epoch {summary['best_epoch'] + 1}\n"
             f"last-epoch top-1 per network: [{last}], mean {summary['last_mean_top1'] or 0:.2f}, "
             f"ensemble {summary['last_ens_top1'] or 0:.2f}"

@@ -244,7 +244,8 @@ def _wide_baseline_notes(groups: Sequence[RunGroup], metric: str) -> List[str]:
         return []
     names = ", ".join(OrderedDict((g.network + g.setting[len("Baseline"):], None) for g in wide))
     return [f"Note: the Baseline runs of {names} train several independent networks; "
-            "the paper metric takes the best of them (train with --number-net 1 for a single-network baseline)."]
+            "the paper metric takes the best of them, as the paper's baseline does (the original's scripts train "
+            "--number-net 2); --metric last gives their mean."]
 
 
 def report_notes(groups: Sequence[RunGroup], metric: str, include_unfinished: bool) -> List[str]:
