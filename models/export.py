@@ -87,7 +87,7 @@ def epoch_of_checkpoint(records: Sequence[Dict[str, Any]], ckpt: Dict[str, Any],
         return at_best[0] if at_best else max(evaluated, key=lambda r: max(record_top1(r)))
     epoch = ckpt.get("epoch")
     if isinstance(epoch, int) and not ckpt.get("finished"):
-        done = [r for r in evaluated if isinstance(r.get("epoch"), int) and r["epoch"] < epoch]
+        done = [r for r in evaluated if isinstance(r.get("epoch"), int) and r["epoch"] <= epoch]
         if done:
             return done[-1]
     return evaluated[-1]
@@ -102,7 +102,7 @@ def choose_net_index(records: Sequence[Dict[str, Any]], ckpt: Dict[str, Any], is
     top1 = record_top1(record)[:number_net]
     index = max(range(len(top1)), key=lambda k: top1[k])
     epoch = record.get("epoch")
-    when = f"epoch {epoch + 1}" if isinstance(epoch, int) else "the checkpoint's epoch"
+    when = f"epoch {epoch}" if isinstance(epoch, int) else "the checkpoint's epoch"
     kind = "the best epoch" if is_best_file else "the checkpoint's last finished epoch"
     reason = f"net {index} has the highest test top-1 ({top1[index]:.2f}%) at {when}, {kind} in metrics.jsonl"
     return NetChoice(index=index, reason=reason, epoch=epoch, top1=top1[index])

@@ -30,8 +30,8 @@ def write_run(root, name, config, curves, finished=True, lrs=None):
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(config, f)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-        for epoch, top1 in enumerate(curves):
-            record = {"epoch": epoch, "epochs": config["epochs"], "lr": (lrs or [0.1] * 10)[epoch],
+        for epoch, top1 in enumerate(curves, start=1):  # records number their epochs from 1
+            record = {"epoch": epoch, "epochs": config["epochs"], "lr": (lrs or [0.1] * 10)[epoch - 1],
                       "test": {"top1": top1, "top5": top1, "ens_top1": max(top1) + 1.0},
                       "best_single_top1": max(top1)}
             f.write(json.dumps(record) + "\n")

@@ -23,7 +23,7 @@ def randomize_bn(module):
             m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
 
 
-def save_run(run_dir, cohort, arch, test_top1=None, script="main_cifar", file="best.pth.tar", best_epoch=1):
+def save_run(run_dir, cohort, arch, test_top1=None, script="main_cifar", file="best.pth.tar", best_epoch=2):
     """A checkpoint in the contract's format (and metrics.jsonl when ``test_top1`` is given)."""
     os.makedirs(run_dir, exist_ok=True)
     number_net = len(cohort.arch_names) if hasattr(cohort, "arch_names") else cohort.number_net
@@ -37,7 +37,7 @@ def save_run(run_dir, cohort, arch, test_top1=None, script="main_cifar", file="b
     torch.save(ckpt, path)
     if test_top1 is not None:
         with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-            for epoch, top1 in enumerate(test_top1):
+            for epoch, top1 in enumerate(test_top1, start=1):
                 f.write(json.dumps({"epoch": epoch, "test": {"top1": top1, "ens_top1": max(top1)}}) + "\n")
     return path
 
@@ -59,9 +59,9 @@ def test_independent_cohort_exports_the_best_network(tmp_path, capsys):
     torch.manual_seed(0)
     cohort = models.build_cohort("resnet32", 2, 10, "independent")
     randomize_bn(cohort)
-    # best epoch 1: net 1 is the best there (net 0 is better at the last epoch).
+    # best epoch 2: net 1 is the best there (net 0 is better at the last epoch).
     run_dir = str(tmp_path / "run")
-    save_run(run_dir, cohort, "resnet32", test_top1=[[10, 20], [30, 40], [45, 35]], best_epoch=1)
+    save_run(run_dir, cohort, "resnet32", test_top1=[[10, 20], [30, 40], [45, 35]], best_epoch=2)
     out_file = str(tmp_path / "net.pth")
     code, out, err = run_export([run_dir, "--out", out_file], capsys)
     assert code == 0, err

@@ -81,7 +81,7 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
     assert "encoders_k.1.fc.2.weight" in ckpt["model"] and ckpt["optimizer"]["state"]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    assert [r["epoch"] for r in records] == [0]
+    assert [r["epoch"] for r in records] == [1]  # numbered from 1
     assert len(records[0]["knn"]["top1"]) == 2 and len(records[0]["train"]["top1"]) == 2
     final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
     assert os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(final)

@@ -33,7 +33,7 @@ def test_group_curves_average_over_seeds(runs_root):
     runs = [load_run(os.path.join(runs_root, f"baseline_s{s}")) for s in range(3)]
     curves = group_curves(runs)
     epochs, net0 = curves["net 0"]
-    assert epochs == [0, 1, 2, 3]
+    assert epochs == [1, 2, 3, 4]  # numbered from 1
     assert net0[1] == pytest.approx(statistics.fmean([60, 61, 63]))
     assert curves["ensemble"][1][0] == pytest.approx(statistics.fmean([52, 51, 53]))
     assert curves["lr"][1] == pytest.approx([0.1] * 4)

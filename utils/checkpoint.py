@@ -18,7 +18,7 @@ import torch
 from utils.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "mcl-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: best_epoch numbered from 1
 
 
 def latest_checkpoint_path(run_dir: str) -> str:

@@ -128,9 +128,9 @@ class LinearMethod(Method):
 
     def format_epoch(self, record: Dict[str, Any]) -> str:
         test = record["test"]
-        return (f"epoch {record['epoch'] + 1}/{record['epochs']} lr={record['lr']:.4f} "
+        return (f"epoch {record['epoch']}/{record['epochs']} lr={record['lr']:.4f} "
                 f"loss={record['train']['loss']:.4f} | test top-1 {test['top1'][0]:.2f} top-5 {test['top5'][0]:.2f}"
-                f" | best {record['best_acc']:.2f} (epoch {record['best_epoch'] + 1})")
+                f" | best {record['best_acc']:.2f} (epoch {record['best_epoch']})")
 
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
         loop.logger.text("=> sanity check passed: no weight outside the fc changed")

@@ -13,7 +13,10 @@ loop does the rest the same way for every method:
   SIGTERM/SIGINT; ``best.pth.tar`` at the best epoch; exact resume at any step;
 - the run directory's metrics.jsonl, log.txt and summary.json.
 
-Epochs are counted from 0 inside (checkpoints, metrics.jsonl) and shown from 1 to people.
+Epochs are numbered from 1 wherever a person reads them: the console, metrics.jsonl's
+"epoch", summary.json's and checkpoints' "best_epoch", TensorBoard's steps and export's
+messages. A checkpoint's "epoch" counts the epochs already completed (0 before the first
+ends), which is also the index from which training continues.
 """
 import itertools
 import math
@@ -224,7 +227,7 @@ class RunState:
     epoch: int = 0
     step: int = 0  # batches of ``epoch`` already done
     best_acc: float = 0.0
-    best_epoch: int = -1
+    best_epoch: int = 0  # number (from 1) of the best epoch; 0 = none yet
     finished: bool = False
     train_meter: SumMeter = field(default_factory=SumMeter)
     train_acc: Optional[AccuracyCounter] = None
@@ -315,6 +318,8 @@ class RunLoop(RunDirCheckpoints):
         s = self.state
         s.epoch, s.step = int(ckpt["epoch"]), int(ckpt["step"])
         s.best_acc, s.best_epoch = float(ckpt["best_acc"]), int(ckpt["best_epoch"])
+        if int(ckpt.get("version", 1)) < 2:  # version 1 numbered the best epoch from 0 (-1 = none)
+            s.best_epoch += 1
         s.finished = bool(ckpt.get("finished", False))
         meters = ckpt.get("meters") or {}
         if meters and s.step > 0:
@@ -412,14 +417,14 @@ class RunLoop(RunDirCheckpoints):
         lr = self.optimizer.param_groups[0]["lr"]
         train = reduced_means(s.train_acc, s.train_meter, self.method.terms, self.ctx.device)
         record: Dict[str, Any] = {
-            "epoch": s.epoch, "epochs": self.config.epochs, "lr": lr, "time_s": s.elapsed,
+            "epoch": s.epoch + 1, "epochs": self.config.epochs, "lr": lr, "time_s": s.elapsed,
             "images_per_s": s.images / s.elapsed if s.elapsed > 0 else 0.0,
             "train": self.method.train_record(train)}
         evaluation, score = self.method.evaluate()
         record.update(evaluation)
-        is_best = score is not None and (score > s.best_acc or s.best_epoch < 0)
+        is_best = score is not None and (score > s.best_acc or s.best_epoch == 0)
         if is_best:
-            s.best_acc, s.best_epoch = score, s.epoch
+            s.best_acc, s.best_epoch = score, s.epoch + 1
         if score is not None:
             record.update(best_acc=s.best_acc, best_epoch=s.best_epoch)
         # Advance before saving, so the checkpoint says "start the next epoch".
@@ -436,7 +441,7 @@ class RunLoop(RunDirCheckpoints):
     def fit(self) -> int:
         """Train to the last epoch (or until a signal); returns the process exit code."""
         s = self.state
-        self.logger.keep_epochs_before(s.epoch)
+        self.logger.keep_epochs_up_to(s.epoch)
         self.logger.remove_summary()
         self.stop.install()
         try:

@@ -96,7 +96,7 @@ class MocoMethod(Method):
 
     def summary(self, state: Any, records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
         last = records[-1] if records else {}
-        monitored = state.best_epoch >= 0  # best_acc is the kNN monitor's; none without --knn-data
+        monitored = state.best_epoch > 0  # best_acc is the kNN monitor's; none without --knn-data
         return {"finished": True, "epochs": epochs, "best_acc": state.best_acc if monitored else None,
                 "best_epoch": state.best_epoch if monitored else None, "last_train": last.get("train"),
                 "last_knn_top1": (last.get("knn") or {}).get("top1")}
@@ -107,7 +107,7 @@ def format_epoch(record: Dict[str, Any]) -> str:
     tr = record["train"]
     terms = " ".join(f"{k}={tr[k]:.4f}" for k in TERMS)
     acc = " ".join(f"{v:.2f}" for v in tr["top1"])
-    line = (f"epoch {record['epoch'] + 1}/{record['epochs']} lr={record['lr']:.5f} {terms} | "
+    line = (f"epoch {record['epoch']}/{record['epochs']} lr={record['lr']:.5f} {terms} | "
             f"instance top-1 [{acc}] | {record['time_s']:.1f}s {record['images_per_s']:.0f} img/s")
     if "knn" in record:
         line += " | kNN top-1 [" + " ".join(f"{v:.2f}" for v in record["knn"]["top1"]) + "]"

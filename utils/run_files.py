@@ -143,11 +143,11 @@ class RunLogger:
         with open(os.path.join(self.run_dir, "log.txt"), "a") as f:
             f.write(line + "\n")
 
-    def keep_epochs_before(self, epoch: int) -> None:
-        """Drop records of epochs >= ``epoch`` (a resumed run redoes them)."""
+    def keep_epochs_up_to(self, completed: int) -> None:
+        """Keep the records of epochs 1..``completed`` only (a resumed run redoes the later ones)."""
         if not self.enabled or not os.path.exists(self.metrics_path):
             return
-        kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", -1) < epoch]
+        kept = [r for r in read_metrics(self.metrics_path) if r.get("epoch", completed + 1) <= completed]
         tmp = self.metrics_path + ".tmp"
         with open(tmp, "w") as f:
             for record in kept:

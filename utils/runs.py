@@ -34,7 +34,7 @@ class Run:
     @property
     def epochs_done(self) -> int:
         epochs = [r["epoch"] for r in self.records if isinstance(r.get("epoch"), int)]
-        return max(epochs) + 1 if epochs else 0
+        return max(epochs) if epochs else 0  # records number their epochs from 1
 
     @property
     def epochs_total(self) -> Optional[int]:

@@ -186,7 +186,7 @@ class SupervisedMethod(Method):
         t, tr = record["test"], record["train"]
         nets = " ".join(f"{v:.2f}" for v in t["top1"])
         terms = " ".join(f"{k}={tr[k]:.4f}" for k in TERMS if k in tr)
-        return (f"epoch {record['epoch'] + 1}/{record['epochs']} lr={record['lr']:.5f} {terms} | "
+        return (f"epoch {record['epoch']}/{record['epochs']} lr={record['lr']:.5f} {terms} | "
                 f"test top-1 [{nets}] ens {t['ens_top1']:.2f} | best {record['best_acc']:.2f} | "
                 f"{record['time_s']:.1f}s {record['images_per_s']:.0f} img/s")
 
@@ -204,7 +204,7 @@ class SupervisedMethod(Method):
         last = ", ".join(f"{v:.2f}" for v in summary["last_top1"])
         loop.logger.text(
             f"best single-network top-1 at its best epoch (the paper's CIFAR metric): {summary['best_acc']:.2f} "
-            f"at epoch {summary['best_epoch'] + 1}\n"
+            f"at epoch {summary['best_epoch']}\n"
             f"last-epoch top-1 per network: [{last}], mean {summary['last_mean_top1'] or 0:.2f}, "
             f"ensemble {summary['last_ens_top1'] or 0:.2f}"
         )

@@ -44,7 +44,7 @@ def test_top1_history(run: Run) -> List[Tuple[int, List[float]]]:
     for record in run.records:
         top1 = record_top1(record)
         if top1:
-            history.append((int(record.get("epoch", len(history))), top1))
+            history.append((int(record.get("epoch", len(history) + 1)), top1))
     return history
 
 
