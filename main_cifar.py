@@ -6,7 +6,6 @@ trains MCL(x2) on CIFAR-100 as the paper did. Several processes:
 ``torchrun --nproc_per_node=K main_cifar.py ...`` (--batch-size stays the global batch).
 """
 import argparse
-import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -16,14 +15,13 @@ from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_c
                            load_arrays)
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
-from utils.checkpoint import best_checkpoint_path, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
-from utils.launch import launch, run_in_group
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
+from utils.run import (build_model_and_optimizer, check_resume_classes, RunPlan, evaluate_saved_cohort, run_supervised,
                        start_description, supervised_loop, validate_cohort_args)
 from utils.supervised import Objective
 
@@ -110,18 +108,10 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.gpu_id is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
-    return launch(run_in_group(train_or_evaluate), args)
+    return run_supervised(parse_args(argv), train, evaluate_checkpoint)
 
 
-def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
-    plan = plan_supervised_run(args, ctx)
-    if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
-    if plan.already_finished:
-        return 0
+def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     data = load_data(args)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     objective = Objective.from_flags(args)

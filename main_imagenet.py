@@ -7,7 +7,6 @@ trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did. Several processe
 the memory banks are kept identical on every process).
 """
 import argparse
-import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -16,14 +15,13 @@ import torch
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
-from utils.checkpoint import best_checkpoint_path, load_checkpoint
+from utils.checkpoint import load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
 from utils.errors import CheckpointError, ConfigError, DatasetError
-from utils.launch import launch, run_in_group
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
+from utils.run import (build_model_and_optimizer, check_resume_classes, RunPlan, evaluate_saved_cohort, run_supervised,
                        start_description, supervised_loop, validate_cohort_args)
 from utils.supervised import Objective
 
@@ -122,18 +120,10 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.gpu_id is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
-    return launch(run_in_group(train_or_evaluate), args)
+    return run_supervised(parse_args(argv), train, evaluate_checkpoint)
 
 
-def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
-    plan = plan_supervised_run(args, ctx)
-    if args.evaluate:
-        return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
-    if plan.already_finished:
-        return 0
+def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     objective = Objective.from_flags(args, imagenet=True)
     train_data, info = build_train_data(
         args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,

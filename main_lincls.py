@@ -12,10 +12,12 @@ checkpoint of the original MoCo-MCL code ('state_dict' with module.encoder_q_<i>
 Everything but the fc is frozen and kept in eval mode (BatchNorm statistics too); the
 fc is re-initialised with N(0, 0.01) weights and zero bias. After every epoch the
 frozen weights are compared with the loaded ones (an error if any changed). Top-1 and
-top-5 on --data/val each epoch; checkpoint.pth.tar (last) and best.pth.tar in
---checkpoint, plus config.json, metrics.jsonl and summary.json.
+top-5 on --data/val each epoch; checkpoint.pth.tar (last) and best.pth.tar in the run
+directory --checkpoint/--run-name (default ./checkpoint/lincls_<arch>_net<index>), plus
+config.json, metrics.jsonl and summary.json.
 """
 import argparse
+import os
 import platform
 from typing import Dict, List, Optional, Tuple
 
@@ -57,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="evaluate model on validation set")
     add_distributed_args(orig)
     orig.add_argument("--pretrained", default="", type=str, help="path to moco pretrained checkpoint")
-    orig.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
+    orig.add_argument("--checkpoint", default="./checkpoint/", type=str,
+                      help="folder of the run directories: the run goes to CHECKPOINT/RUN_NAME (see --run-name)")
     g = add_moco_additions(parser)
     g.add_argument("--net-index", default=0, type=int,
                    help="which network of the pre-trained cohort to evaluate (0 = query encoder 0)")
@@ -108,7 +111,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     validate_precision(args.amp, ctx.device)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
-    run_dir = args.checkpoint
+    run_dir = os.path.join(args.checkpoint, args.run_name or f"lincls_{args.arch or 'pretrained'}_net{args.net_index}")
     if ctx.is_main and not args.evaluate:
         claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     seed = args.seed if args.seed is not None else 0

@@ -11,13 +11,15 @@ process (on CPU or one GPU). --batch-size is the total over the processes of one
 In a single process the key batch is not shuffled: BatchNorm then sees the whole batch
 at once and a permutation changes nothing (shuffled BN needs several processes).
 
-The run directory (--checkpoint) receives checkpoint.pth.tar after every epoch (with
-the key encoders, queues and pointers), checkpoint_<last epoch>.pth.tar at the end
-(the name main_lincls.py's README command uses), config.json, metrics.jsonl and
-summary.json. SIGTERM/SIGINT finish the current step, save and exit (0 / 130);
-``--resume`` continues exactly there.
+The run directory --checkpoint/--run-name (default ./checkpoint/moco_<arch>_n<N>[_seed<S>])
+receives checkpoint.pth.tar after every epoch (with the key encoders, queues and
+pointers), checkpoint_<last epoch>.pth.tar at the end (a link to the final checkpoint,
+also made in --checkpoint itself, where the original wrote it and where main_lincls.py's
+README command finds it), config.json, metrics.jsonl and summary.json. SIGTERM/SIGINT
+finish the current step, save and exit (0 / 130); ``--resume`` continues exactly there.
 """
 import argparse
+import os
 import platform
 from typing import Any, Dict, List, Optional
 
@@ -60,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     orig.add_argument("--moco-m", default=0.999, type=float,
                       help="moco momentum of updating key encoder")
     orig.add_argument("--moco-t", default=0.07, type=float, help="softmax temperature")
-    orig.add_argument("--checkpoint", default="./checkpoint/", type=str, help="run directory")
+    orig.add_argument("--checkpoint", default="./checkpoint/", type=str,
+                      help="folder of the run directories: the run goes to CHECKPOINT/RUN_NAME (see --run-name), "
+                           "and the final checkpoint_<last epoch>.pth.tar is also linked into CHECKPOINT itself, "
+                           "where the original wrote it")
     orig.add_argument("--mlp", action="store_true", help="use mlp head (MoCo v2: Linear, ReLU, Linear)")
     orig.add_argument("--aug-plus", action="store_true", help="use moco v2 data augmentation")
     orig.add_argument("--cos", action="store_true", help="use cosine lr schedule")
@@ -138,13 +143,19 @@ def build_model(args: argparse.Namespace, ctx: du.DistContext) -> MoCoMCL:
     return model
 
 
+def default_run_name(args: argparse.Namespace) -> str:
+    """e.g. moco_resnet18_n2_seed0 (no seed part without --seed)."""
+    seed = f"_seed{args.seed}" if args.seed is not None else ""
+    return f"moco_{args.arch}_n{args.number_net}{seed}"
+
+
 def describe_run(args: argparse.Namespace, ctx: du.DistContext, images: int, batch: int) -> str:
     """The first line of log.txt (what trains on what, where)."""
     where = f"{ctx.world_size} processes, shuffled BN" if ctx.distributed else \
         f"{ctx.device}, one process (key batch not shuffled)"
     return (f"MoCo-MCL: {args.number_net} x {args.arch}{' + MLP head' if args.mlp else ''}, "
             f"K={args.moco_k}, m={args.moco_m}, T={args.moco_t}; {images} images, "
-            f"batch {batch} per process; {where}; run directory {args.checkpoint}")
+            f"batch {batch} per process; {where}")
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
@@ -152,7 +163,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     check_queue_size(args.moco_k, batch * ctx.world_size)
-    run_dir = args.checkpoint
+    run_dir = os.path.join(args.checkpoint, args.run_name or default_run_name(args))
     if ctx.is_main:
         claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     resume_path = resolve_resume(args.resume, None, run_dir)

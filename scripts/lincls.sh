@@ -23,7 +23,7 @@ for seed in $SEEDS; do
                 --pretrained "$run/$EPOCH_FILE" --net-index "$i" \
                 --dist-url "tcp://localhost:$PORT" --multiprocessing-distributed --world-size 1 --rank 0 \
                 --gpu-ids "$GPU_IDS" --seed "$seed" \
-                --checkpoint "./checkpoint/lincls_resnet18_n${n}_seed${seed}_net$i" "$@"
+                --checkpoint ./checkpoint --run-name "lincls_resnet18_n${n}_seed${seed}_net$i" "$@"
         done
     done
 done

@@ -18,6 +18,6 @@ for seed in $SEEDS; do
         python3 main_moco_mcl.py --data "$DATA" -a resnet18 --lr 0.03 --batch-size 256 --number-net "$n" \
             --dist-url "tcp://localhost:$PORT" --multiprocessing-distributed --world-size 1 --rank 0 \
             --gpu-ids "$GPU_IDS" --seed "$seed" \
-            --checkpoint "./checkpoint/moco_resnet18_n${n}_seed${seed}" "$@"
+            --checkpoint ./checkpoint --run-name "moco_resnet18_n${n}_seed${seed}" "$@"
     done
 done

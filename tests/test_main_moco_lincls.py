@@ -64,7 +64,8 @@ class StopAfterFirstStep(StopRequest):
 def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monkeypatch):
     run_dir = str(tmp_path / "moco")
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "20", "--max-train-batches", "2",
-                   "--checkpoint", run_dir, "--mlp", "--aug-plus", "--seed", "0", "--number-net", "2",
+                   "--checkpoint", str(tmp_path), "--run-name", "moco", "--mlp", "--aug-plus", "--seed", "0",
+                   "--number-net", "2",
                    "--knn-data", image_root, "--max-eval-batches", "1"]
     monkeypatch.setattr(utils.loop, "StopRequest", StopAfterFirstStep)
     assert main_moco_mcl.main(argv) == 0
@@ -86,10 +87,12 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
     final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
     assert os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(final)
     assert os.path.samefile(final, os.path.join(run_dir, "checkpoint.pth.tar"))  # a link, not a second copy
+    assert os.path.samefile(final, tmp_path / "checkpoint_0000.pth.tar")  # and where the original wrote it
 
     lin_dir = str(tmp_path / "lincls")
     assert main_lincls.main(TINY + ["--data", image_root, "--pretrained", final, "--net-index", "1",
-                                    "--epochs", "1", "--max-train-batches", "2", "--checkpoint", lin_dir]) == 0
+                                    "--epochs", "1", "--max-train-batches", "2", "--checkpoint", str(tmp_path),
+                                    "--run-name", "lincls"]) == 0
     for name in ("checkpoint.pth.tar", "best.pth.tar", "summary.json", "metrics.jsonl"):
         assert os.path.exists(os.path.join(lin_dir, name))
     lin = load_checkpoint(os.path.join(lin_dir, "checkpoint.pth.tar"))
@@ -104,7 +107,7 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
 def test_readme_multiprocessing_command_with_two_gloo_processes(image_root, tmp_path):
     run_dir = str(tmp_path / "ddp")
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "2",
-                   "--checkpoint", run_dir, "--number-net", "2", "--seed", "1",
+                   "--checkpoint", str(tmp_path), "--run-name", "ddp", "--number-net", "2", "--seed", "1",
                    "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
                    "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
     assert main_moco_mcl.main(argv) == 0
@@ -223,7 +226,8 @@ def test_bf16_channels_last_pretrain_then_linear_evaluation(image_root, tmp_path
     run_dir = str(tmp_path / "moco_bf16")
     fast = ["--amp", "bf16", "--channels-last"]
     assert main_moco_mcl.main(TINY + fast + ["--data", image_root, "--epochs", "1", "--moco-k", "16",
-                                             "--max-train-batches", "2", "--checkpoint", run_dir, "--mlp",
+                                             "--max-train-batches", "2", "--checkpoint", str(tmp_path),
+                                             "--run-name", "moco_bf16", "--mlp",
                                              "--seed", "0", "--number-net", "2"]) == 0
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
     assert ckpt["finished"] and ckpt["scaler"] is None  # bf16 needs no gradient scaler
@@ -235,7 +239,8 @@ def test_bf16_channels_last_pretrain_then_linear_evaluation(image_root, tmp_path
     lin_dir = str(tmp_path / "lincls_bf16")
     final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
     assert main_lincls.main(TINY + fast + ["--data", image_root, "--pretrained", final, "--epochs", "1",
-                                           "--max-train-batches", "2", "--checkpoint", lin_dir, "--lr", "0.1"]) == 0
+                                           "--max-train-batches", "2", "--checkpoint", str(tmp_path),
+                                           "--run-name", "lincls_bf16", "--lr", "0.1"]) == 0
     lin = load_checkpoint(os.path.join(lin_dir, "checkpoint.pth.tar"))
     assert lin["finished"] and torch.equal(lin["model"]["conv1.weight"], ckpt["model"]["encoders_q.0.conv1.weight"])
     with open(os.path.join(lin_dir, "summary.json")) as f:

@@ -184,6 +184,9 @@ def add_moco_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     checkpoint holds every encoder); --save-every-steps N turns them on.
     """
     g = parser.add_argument_group("additions")
+    g.add_argument("--run-name", default=None, type=str,
+                   help="name of the run directory under --checkpoint (default: from the architecture, N and "
+                        "seed; see the script's description)")
     add_run_additions(g, save_every_steps=0)
     g.add_argument("--image-size", default=224, type=int, help="crop size of the augmentations")
     return g

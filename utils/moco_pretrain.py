@@ -90,9 +90,13 @@ class MocoMethod(Method):
         return format_epoch(record)
 
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
-        final = os.path.join(loop.run_dir, f"checkpoint_{self.args.epochs - 1:04d}.pth.tar")
+        name = f"checkpoint_{self.args.epochs - 1:04d}.pth.tar"
+        final = os.path.join(loop.run_dir, name)
         link_checkpoint(loop.latest_path, final)  # the finished latest checkpoint under the original's name
-        loop.logger.text(f"finished {self.args.epochs} epochs; encoders for main_lincls.py: {final}")
+        original = os.path.join(os.path.dirname(os.path.abspath(loop.run_dir)), name)
+        link_checkpoint(loop.latest_path, original)  # and where the original wrote it (the newest run's)
+        loop.logger.text(f"finished {self.args.epochs} epochs; encoders for main_lincls.py: {final} "
+                         f"(also linked as {original})")
 
     def summary(self, state: Any, records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
         last = records[-1] if records else {}

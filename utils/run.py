@@ -6,8 +6,17 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from utils.checkpoint import check_compatible, latest_checkpoint_path, load_checkpoint
+from losses.mcl import build_projection_heads
+from models import build_cohort, count_multiply_adds
+from models.cohort import parse_arch_names, resolve_topology
+from utils.checkpoint import (best_checkpoint_path, check_compatible, latest_checkpoint_path, load_checkpoint,
+                              remove_stale_temporaries, seed_everything)
 from utils.errors import ConfigError
+from utils.launch import launch, run_in_group
+from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.precision import Precision, validate_precision
+from utils.run_files import check_run_dir_free, ensure_writable_dir, lock_run_dir
+from utils.supervised import CohortWithHeads, SupervisedMethod, evaluate_cohort
 
 
 def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: float, lam: float,
@@ -78,13 +87,9 @@ def cohort_description(model: nn.Module) -> Tuple[int, str]:
     return n, f"{model.topology} cohort of {model.number_net}: {', '.join(model.arch_names)}"
 
 
-
 def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
                           max_batches: int, data_description: str, is_main: bool) -> int:
     """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5 of every network and the ensemble."""
-    from models import build_cohort
-    from utils.supervised import evaluate_cohort
-
     cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(device)
     cohort.load_state_dict(ckpt["model"])
     if precision.channels_last:
@@ -101,7 +106,6 @@ def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, devic
 @dataclass
 class RunPlan:
     """Where a supervised run lives and what it resumes from."""
-
     topology: str
     run_dir: str
     resume_path: Optional[str] = None
@@ -115,11 +119,6 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     Checks precision and device, seeds, resolves the topology and the run directory,
     and loads the checkpoint to resume (checked against the flags).
     """
-    from models.cohort import parse_arch_names, resolve_topology
-    from utils.checkpoint import seed_everything
-    from utils.loop import already_finished
-    from utils.precision import validate_precision
-
     validate_precision(args.amp, ctx.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -150,11 +149,6 @@ def check_resume_classes(plan: RunPlan, num_classes: int, data_description: str)
 
 def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, device: torch.device):
     """(cohort, cohort with heads on ``device``, SGD) from the flags, seeded by --manual_seed."""
-    from models import build_cohort
-    from losses.mcl import build_projection_heads
-    from utils.checkpoint import seed_everything
-    from utils.supervised import CohortWithHeads
-
     seed_everything(args.manual_seed)
     cohort = build_cohort(args.arch, args.number_net, num_classes, args.cohort)
     heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if uses_contrast else None
@@ -168,8 +162,6 @@ def claim_run_dir(path: str, flag: str, resuming: bool, overwrite: bool) -> None
     """Rank 0, before training: the run directory exists and is writable, no other process uses it
     (an exclusive lock held until this process ends), and a fresh start does not silently replace
     the run it holds (see utils.run_files.check_run_dir_free)."""
-    from utils.run_files import check_run_dir_free, lock_run_dir
-
     prepare_run_dir(path, flag)
     lock_run_dir(path)
     check_run_dir_free(path, resuming, overwrite)
@@ -178,9 +170,6 @@ def claim_run_dir(path: str, flag: str, resuming: bool, overwrite: bool) -> None
 def prepare_run_dir(path: str, flag: str = "--checkpoint") -> None:
     """Create the run directory (ConfigError naming ``flag`` when it is not writable) and remove the
     half-written checkpoint files a killed save left there."""
-    from utils.checkpoint import remove_stale_temporaries
-    from utils.run_files import ensure_writable_dir
-
     try:
         ensure_writable_dir(path)
     except ConfigError:
@@ -193,8 +182,6 @@ def prepare_run_dir(path: str, flag: str = "--checkpoint") -> None:
 
 def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan, trainer: Any) -> str:
     """The start of the line a run prints first: cohort, size, where, resume point."""
-    from models import count_multiply_adds
-
     n_params, desc = cohort_description(cohort)
     madds = count_multiply_adds(cohort.eval(), (1, 3, input_size, input_size)) / 1e9
     where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
@@ -208,10 +195,6 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
                     objective: Any, contrast: Any, train_data: Any, eval_data: Any, logger: Any,
                     meta: Dict[str, Any]):
     """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
-    from utils.loop import LoopConfig, RunLoop, wrap_ddp
-    from utils.precision import Precision
-    from utils.supervised import SupervisedMethod
-
     precision = Precision(args.amp, args.channels_last)
     method = SupervisedMethod(model, wrap_ddp(model, ctx), objective, contrast, eval_data, ctx.device, precision,
                               args.max_eval_batches)
@@ -220,3 +203,28 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
     if plan.ckpt is not None:
         loop.restore(plan.ckpt, plan.resume_path)
     return loop
+
+
+class SupervisedEntry:
+    """What every process of main_cifar.py / main_imagenet.py runs: plan the run, then evaluate a
+    checkpoint (``--evaluate``), stop when the resumed run has finished, or train.
+
+    ``train(args, ctx, plan)`` and ``evaluate(args, ctx, path)`` are the script's own functions.
+    """
+    def __init__(self, train: Any, evaluate: Any) -> None:
+        self.train, self.evaluate = train, evaluate
+
+    def __call__(self, args: Any, ctx: Any, _nprocs: int = 1) -> int:
+        plan = plan_supervised_run(args, ctx)
+        if args.evaluate:
+            return self.evaluate(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
+        if plan.already_finished:
+            return 0
+        return self.train(args, ctx, plan)
+
+
+def run_supervised(args: Any, train: Any, evaluate: Any) -> int:
+    """--gpu-id (the original's CUDA_VISIBLE_DEVICES), then :class:`SupervisedEntry` in every process."""
+    if args.gpu_id is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+    return launch(run_in_group(SupervisedEntry(train, evaluate)), args)
