@@ -12,7 +12,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN_LOOP = ("utils.loop", "utils.supervised", "utils.moco_pretrain", "utils.lincls", "utils.run", "utils.launch",
+RUN_LOOP = ("utils.loop", "utils.method", "utils.stop", "utils.supervised", "utils.moco_pretrain", "utils.lincls", "utils.run", "utils.launch",
             "utils.contrast", "utils.knn")
 CHECK = """
 import importlib, sys

@@ -10,7 +10,7 @@ import torchvision.models as tv_models
 
 from models.pretrained import FC_KEYS, load_backbone
 from utils import distributed as du
-from utils.loop import Method, StepResult
+from utils.method import Method, StepResult
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision
 

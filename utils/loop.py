@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,23 +34,12 @@ from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
 from utils.errors import UserError
-from utils.run_files import RunLogger, read_metrics, unlock_run_dir
+from utils.method import Method
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision, backward_and_step, make_grad_scaler
+from utils.run_files import RunLogger, read_metrics, unlock_run_dir
 from utils.schedule import lr_at_epoch, set_lr
-
-# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
-# signal right after its N-th training step (counted from the start of the process),
-# to test recovery from kill -9 and graceful stops at a chosen step.
-SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
-
-
-def _debug_signal() -> Optional[Tuple[int, int]]:
-    value = os.environ.get(SIGNAL_ENV)
-    if not value:
-        return None
-    steps, _, name = value.partition(":")
-    return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
+from utils.stop import StopRequest, debug_signal
 
 
 class NonFiniteLossError(UserError):
@@ -69,130 +58,6 @@ def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]
         elif torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             return name
     return None
-
-
-@dataclass
-class StepResult:
-    """What one forward pass of a method gives the loop.
-
-    ``terms``: the method's logged values (``Method.terms``), ``loss`` among them, as tensors;
-    ``logits``: detached (B, C) logits whose top-1/top-5 against ``targets`` the epoch's
-    training accuracy counts; ``after_update``: work after the optimizer step (bank update,
-    enqueue), or None.
-    """
-
-    terms: Dict[str, torch.Tensor]
-    logits: List[torch.Tensor]
-    targets: torch.Tensor
-    after_update: Optional[Callable[[], None]] = None
-
-
-class Method:
-    """The parts of a training method the loop calls; see the module docstring.
-
-    ``model`` is the module a checkpoint saves (unwrapped); ``ddp_model`` the one the step runs.
-    """
-
-    terms: Tuple[str, ...] = ("loss",)
-    num_heads: int = 1  # classifiers counted in the training accuracy
-    saves_best: bool = True  # write best.pth.tar at the best epoch
-    rank_streams: bool = False  # give every rank its own RNG stream after a resume (augmentations)
-    lr_flag: str = "--lr"  # named by the non-finite loss message
-
-    model: nn.Module
-    ddp_model: nn.Module
-
-    def train_mode(self) -> None:
-        self.ddp_model.train()
-
-    def to_device(self, raw: Any) -> Tuple[Any, torch.Tensor]:
-        """(inputs, targets) of one loader batch on the training device."""
-        raise NotImplementedError
-
-    def forward(self, inputs: Any, targets: torch.Tensor) -> StepResult:
-        raise NotImplementedError
-
-    def evaluate(self) -> Tuple[Dict[str, Any], Optional[float]]:
-        """After an epoch's training: (what the epoch record adds, e.g. {"test": ...}; the score the
-        best epoch maximises, or None)."""
-        return {}, None
-
-    def check(self) -> None:
-        """Invariants checked after every epoch and before the end (e.g. frozen weights)."""
-
-    def train_record(self, record: Dict[str, Any]) -> Dict[str, Any]:
-        """The epoch's reduced training means and accuracies, reshaped for metrics.jsonl."""
-        return record
-
-    def model_state(self) -> Dict[str, Any]:
-        """The checkpoint's "model" and "heads"."""
-        return {"model": self.model.state_dict(), "heads": None}
-
-    def load_model_state(self, ckpt: Dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-
-    def extra_state(self, for_best: bool = False) -> Dict[str, Any]:
-        """The checkpoint's "extra"; ``for_best`` may leave out what evaluation never needs."""
-        return {}
-
-    def load_extra_state(self, extra: Dict[str, Any]) -> None:
-        pass
-
-    def format_epoch(self, record: Dict[str, Any]) -> str:
-        raise NotImplementedError
-
-    def progress_line(self, epoch: int, step: int, total: int, lr: float, named: Dict[str, float],
-                      acc: AccuracyCounter) -> str:
-        top1 = 100.0 * acc.top1[0] / max(acc.total, 1)
-        return (f"epoch {epoch + 1} step {step}/{total} lr {lr:.5f} "
-                + " ".join(f"{k} {v:.4f}" for k, v in named.items()) + f" top-1(net 0) {top1:.2f}")
-
-    def summary(self, state: "RunState", records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
-        return {"finished": True, "epochs": epochs}
-
-    def on_finished(self, loop: "RunLoop", summary: Dict[str, Any]) -> None:
-        """Rank 0, after the final checkpoint and summary.json: last words, extra files."""
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits.
-
-    The first signal's name is kept: a SIGTERM forwarded by a launcher after a terminal
-    Ctrl-C does not turn the SIGINT (exit 130) into a SIGTERM (exit 0). A second Ctrl-C
-    stops at once.
-    """
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._previous: Dict[int, Any] = {}
-
-    def install(self) -> "StopRequest":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signum is not None and signum == signal.SIGTERM:
-            return
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def agreed(self, device: torch.device) -> Optional[int]:
-        """The signal seen by any rank (so all ranks stop after the same step)."""
-        if du.world_size() == 1:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], device=device)
-        du.all_reduce_max(flag)
-        return int(flag.item()) or None
 
 
 @dataclass
@@ -264,7 +129,7 @@ class RunLoop(RunDirCheckpoints):
         self.stop = StopRequest()
         self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
-        self._debug_signal = _debug_signal()
+        self._debug_signal = debug_signal()
 
     # ----- checkpoints -------------------------------------------------------
     def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:

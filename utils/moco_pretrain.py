@@ -17,7 +17,7 @@ from utils import distributed as du
 from utils.checkpoint import link_checkpoint
 from utils.errors import CheckpointError
 from utils.knn import knn_top1
-from utils.loop import Method, StepResult
+from utils.method import Method, StepResult
 from utils.precision import Precision
 from utils.run import load_for_run
 

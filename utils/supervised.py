@@ -21,7 +21,8 @@ from data.batch import Batch
 from losses.ensemble import ensemble_distill_loss, ensemble_logits
 from losses.mcl import MCLLosses
 from utils import distributed as du
-from utils.loop import Method, RunState, StepResult
+from utils.loop import RunState
+from utils.method import Method, StepResult
 from utils.metrics import AccuracyCounter, reduce_accuracy
 from utils.precision import Precision
 

@@ -1,0 +1,62 @@
+"""Stopping a run on request: SIGTERM/SIGINT agreed by every rank, and a test hook that sends a signal."""
+import os
+import signal
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from utils import distributed as du
+
+# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
+# signal right after its N-th training step (counted from the start of the process),
+# to test recovery from kill -9 and graceful stops at a chosen step.
+SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
+
+
+def debug_signal() -> Optional[Tuple[int, int]]:
+    value = os.environ.get(SIGNAL_ENV)
+    if not value:
+        return None
+    steps, _, name = value.partition(":")
+    return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits.
+
+    The first signal's name is kept: a SIGTERM forwarded by a launcher after a terminal
+    Ctrl-C does not turn the SIGINT (exit 130) into a SIGTERM (exit 0). A second Ctrl-C
+    stops at once.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def install(self) -> "StopRequest":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signum is not None and signum == signal.SIGTERM:
+            return
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def agreed(self, device: torch.device) -> Optional[int]:
+        """The signal seen by any rank (so all ranks stop after the same step)."""
+        if du.world_size() == 1:
+            return self.signum
+        flag = torch.tensor([self.signum or 0], device=device)
+        du.all_reduce_max(flag)
+        return int(flag.item()) or None
