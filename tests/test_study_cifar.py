@@ -56,8 +56,9 @@ def test_study_dry_run_prints_the_commands(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 10  # fast seeds 0-2 and fp32 seeds 0-1, baseline and MCL each
-    assert all("--train-per-class 500" in line and "--epochs 20" in line for line in lines)
+    assert len(lines) == 8  # fast seeds 0-2 and fp32 seed 0, baseline and MCL each
+    assert all("--train-per-class 1000" in line and "--epochs 20" in line and "--max-eval-batches 20" in line
+               for line in lines)
     assert sum("--fast" in line for line in lines) == 6
 
 
