@@ -267,3 +267,14 @@ def test_an_exploding_run_never_writes_a_poisoned_checkpoint(tmp_path, lr):
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         assert "NaN" not in metrics.read_text() and "Infinity" not in metrics.read_text()
+
+
+def test_a_cohort_mismatch_names_the_cohort_flag(tmp_path, capsys, uninterrupted):
+    """The resume hint names --cohort (there is no --topology flag)."""
+    _, run_dir = uninterrupted
+    err = one_line_error(capsys, RUN + ["--checkpoint-dir", str(tmp_path), "--cohort", "branched",
+                                        "--resume", str(run_dir / "checkpoint.pth.tar")])
+    assert "--topology" not in err and "--cohort independent" in err
+    with pytest.raises(CheckpointError) as info:
+        ckpt_mod.check_compatible({"topology": "independent"}, "x.pth.tar", topology="branched")
+    assert "--topology" not in str(info.value) and "--cohort independent" in str(info.value)

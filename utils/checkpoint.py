@@ -149,6 +149,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return obj
 
 
+# The flag that sets a checkpoint field whose name is not the flag's (the topology comes from --cohort).
+FLAG_OF_FIELD = {"topology": "--cohort"}
+
+
+def flag_of_field(key: str) -> str:
+    """The command-line flag that sets the checkpoint field ``key``."""
+    return FLAG_OF_FIELD.get(key, "--" + key.replace("_", "-"))
+
+
 def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
     """CheckpointError when a stored field (arch, number_net, ...) differs from the run's."""
     for key, want in expected.items():
@@ -156,7 +165,7 @@ def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
         if have is not None and have != want:
             raise CheckpointError(
                 f"checkpoint {path} has {key}={have!r} but this run has {key}={want!r}; "
-                f"pass the matching flags (e.g. --{key.replace('_', '-')} {have}) or another checkpoint"
+                f"pass the matching flags (e.g. {flag_of_field(key)} {have}) or another checkpoint"
             )
 
 
