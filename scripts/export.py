@@ -82,9 +82,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
     payload, notes = export_network(args.source, args.net_index, args.which, args.torchvision, args.drop_fc)
+    atomic_save(payload, args.out)  # a read-only --out is one line (CheckpointError), before any note
     for note in notes:
         print(note, file=sys.stderr)
-    atomic_save(payload, args.out)
     classes = f", {payload['num_classes']} classes" if payload["num_classes"] else ""
     dropped = f", without {payload['classifier_dropped']}" if payload["classifier_dropped"] else ""
     source = os.path.relpath(payload["source"])

@@ -48,10 +48,13 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` so that ``path`` is never seen half-written.
 
     Raises CheckpointError (previous file intact) when the write fails, e.g. on a
-    full disk.
+    full disk or in a read-only directory.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    except OSError as err:  # a read-only or foreign directory: nothing was written
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from teammates
         with os.fdopen(fd, "wb") as f:
