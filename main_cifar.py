@@ -15,7 +15,7 @@ import torch
 from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
                            load_arrays)
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
@@ -62,21 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     if args.fast:
         args.data_path = "tensor"
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of {', '.join(DATASETS)}")
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.train_per_class < 0:
-        raise ConfigError(f"--train-per-class must be 0 (all) or positive (got {args.train_per_class})")
-    for flag, value in (("--synthetic-size", args.synthetic_size), ("--synthetic-classes", args.synthetic_classes),
-                        ("--synthetic-test-size", args.synthetic_test_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be at least 1 (got {value})")
     return args
 
 

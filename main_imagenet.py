@@ -15,7 +15,7 @@ import torch
 
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
 from utils.checkpoint import best_checkpoint_path, load_checkpoint
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
@@ -63,21 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
-    if args.pos_k < 1:
-        raise ConfigError(f"--pos_k must be at least 1 (got {args.pos_k}): every sample needs a positive")
-    if args.neg_k < 1:
-        raise ConfigError(f"--neg_k must be at least 1 (got {args.neg_k}); the paper uses 8192 or 4096")
-    if not 0.0 <= args.nce_m < 1.0:
-        raise ConfigError(f"--nce_m must be in [0, 1) (got {args.nce_m}); the original uses 0.5")
-    if args.image_size < 16:
-        raise ConfigError(f"--image-size must be at least 16 (got {args.image_size})")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.feat_dim < 1:
-        raise ConfigError(f"--feat-dim must be positive (got {args.feat_dim})")
     return args
 
 

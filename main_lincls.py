@@ -34,7 +34,7 @@ from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.precision import Precision, validate_precision
 from utils.run import claim_run_dir, configure_determinism, load_for_run, resolve_resume
 
@@ -65,13 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
-    check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--print-freq": args.print_freq})
-    if args.net_index < 0:
-        raise ConfigError(f"--net-index must be >= 0 (got {args.net_index})")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (got {args.workers})")
     return args
 
 

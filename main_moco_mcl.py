@@ -34,7 +34,7 @@ from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.moco_pretrain import MocoMethod, load_resume_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
 from utils.run import claim_run_dir, configure_determinism, resolve_resume
@@ -76,16 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
-    check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--number-net": args.number_net,
-                        "--moco-dim": args.moco_dim, "--moco-k": args.moco_k, "--print-freq": args.print_freq})
-    if not 0.0 <= args.moco_m < 1.0:
-        raise ConfigError(f"--moco-m must be in [0, 1) (got {args.moco_m})")
-    if args.moco_t <= 0 or args.kd_T <= 0:
-        raise ConfigError("--moco-t and --kd-T must be positive")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (got {args.workers})")
     return args
 
 

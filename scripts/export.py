@@ -13,7 +13,7 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 from models.export import export_network  # noqa: E402
-from utils.args import HelpFormatter  # noqa: E402
+from utils.args import HelpFormatter, parse_flags  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")

@@ -12,9 +12,8 @@ from utils.errors import ConfigError
 
 def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: float, lam: float,
                          logit_distill: bool) -> None:
-    """ConfigError for cohort sizes and weights that cannot work together."""
-    if number_net < 1:
-        raise ConfigError(f"--number-net must be at least 1 (got {number_net})")
+    """ConfigError for cohort sizes and weights that cannot work together (each flag's own range:
+    utils.args.NUMERIC_RULES)."""
     if number_net == 1:
         if gamma or beta or lam:
             raise ConfigError("--gamma, --beta and --lam contrast networks with each other and need "
