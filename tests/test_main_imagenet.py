@@ -126,8 +126,8 @@ def test_stopped_and_resumed_run_ends_with_the_same_banks(full_run, data_dir, tm
     restored = {}
     original_restore = loop.RunLoop.restore
 
-    def spy_restore(self, ckpt):
-        original_restore(self, ckpt)
+    def spy_restore(self, ckpt, path=None):
+        original_restore(self, ckpt, path)
         restored["banks"] = [m.clone() for m in self.method.contrast.memories]
 
     monkeypatch.setattr(loop.RunLoop, "restore", spy_restore)
