@@ -16,17 +16,18 @@ from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_c
                            load_arrays)
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
-from utils.checkpoint import best_checkpoint_path, load_checkpoint
+from utils.checkpoint import best_checkpoint_path
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
 from utils.launch import launch, run_in_group
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
-                       start_description, supervised_loop, validate_cohort_args)
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, load_for_evaluation,
+                       plan_supervised_run, start_description, supervised_loop, validate_cohort_args)
 from utils.supervised import Objective
 
+SCRIPT = "main_cifar"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -74,7 +75,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_size: int) -> Dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "dataset_choices"}
-    config.update(script="main_cifar", topology=topology, num_classes=num_classes, world_size=world_size,
+    config.update(script=SCRIPT, topology=topology, num_classes=num_classes, world_size=world_size,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     return config
 
@@ -88,7 +89,7 @@ def load_data(args: argparse.Namespace) -> ArrayData:
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: test top-1/top-5 of every network and of the ensemble of a saved run."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_for_evaluation(path, SCRIPT, "--evaluate-checkpoint" if args.evaluate_checkpoint else "--evaluate")
     data = load_data(args)
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
@@ -109,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
-    plan = plan_supervised_run(args, ctx)
+    plan = plan_supervised_run(args, ctx, SCRIPT, build_parser())
     if args.evaluate:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:
@@ -126,7 +127,7 @@ def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: in
 
     logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
     config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
-    meta = {"script": "main_cifar", "config": config, "arch": args.arch, "number_net": args.number_net,
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
     loop = supervised_loop(args, ctx, plan, model, optimizer, objective, InBatchContrast(args.tau, args.kd_T),
                            train_data, test_data, logger, meta)

@@ -16,15 +16,15 @@ import torch
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
-from utils.checkpoint import best_checkpoint_path, load_checkpoint
+from utils.checkpoint import best_checkpoint_path
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
 from utils.errors import CheckpointError, ConfigError, DatasetError
 from utils.launch import launch, run_in_group
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, plan_supervised_run,
-                       start_description, supervised_loop, validate_cohort_args)
+from utils.run import (build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort, load_for_evaluation,
+                       plan_supervised_run, start_description, supervised_loop, validate_cohort_args)
 from utils.supervised import Objective
 
 SCRIPT = "main_imagenet"
@@ -98,7 +98,7 @@ def run_config(args: argparse.Namespace, topology: str, info: TrainSetInfo, worl
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: val top-1/top-5 of every network and of the ensemble of a saved run."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_for_evaluation(path, SCRIPT, "--evaluate-checkpoint" if args.evaluate_checkpoint else "--evaluate")
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     val, classes = build_val_loader(args.data, image_size=args.image_size, batch_size=eval_bs, rank=ctx.rank,
                                     world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device)
@@ -117,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def train_or_evaluate(args: argparse.Namespace, ctx: du.DistContext, _nprocs: int = 1) -> int:
-    plan = plan_supervised_run(args, ctx)
+    plan = plan_supervised_run(args, ctx, SCRIPT, build_parser())
     if args.evaluate:
         return evaluate_checkpoint(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
     if plan.already_finished:

@@ -248,3 +248,35 @@ def test_fp16_on_cpu_is_one_line(script, image_root, tmp_path, capsys):
         run_main(script.main, TINY + ["--amp", "fp16", "--data", image_root, "--checkpoint", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and "--amp fp16 needs CUDA" in err
+
+
+def _one_line_exit_2(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_resume_checks_the_flags_of_pretraining_and_linear_evaluation(image_root, tmp_path, capsys):
+    """A resumed run with other maths is refused naming every differing flag; --epochs, -j, -p may change."""
+    run_dir = str(tmp_path / "moco")
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "1",
+                   "--checkpoint", run_dir, "--number-net", "2", "--seed", "0"]
+    assert main_moco_mcl.main(argv) == 0
+    err = _one_line_exit_2(main_moco_mcl.main, argv + ["--epochs", "2", "--moco-t", "0.2", "--aug-plus", "--resume"],
+                           capsys)
+    assert "was trained with --moco-t 0.07 no --aug-plus, this run has --moco-t 0.2 --aug-plus;" in err
+    err = _one_line_exit_2(main_moco_mcl.main, argv + ["--moco-dim", "64", "--mlp", "--resume"], capsys)
+    assert "--moco-dim 128 no --mlp, this run has --moco-dim 64 --mlp;" in err
+    assert main_moco_mcl.main(argv + ["--epochs", "2", "-p", "5", "--threads", "1", "--resume"]) == 0
+
+    final = os.path.join(run_dir, "checkpoint_0001.pth.tar")
+    lin_dir = str(tmp_path / "lincls")
+    lin = TINY + ["--data", image_root, "--pretrained", final, "--epochs", "1", "--max-train-batches", "1",
+                  "--checkpoint", lin_dir]
+    assert main_lincls.main(lin) == 0
+    err = _one_line_exit_2(main_lincls.main, lin + ["--epochs", "2", "--net-index", "1", "--lr", "10", "--resume"],
+                           capsys)
+    assert "was trained with --lr 30.0 --net-index 0, this run has --lr 10.0 --net-index 1;" in err
