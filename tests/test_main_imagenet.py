@@ -198,6 +198,20 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, capsys, layout):
     assert err.startswith("error: ") and "\n" not in err and "train/" in err
 
 
+def test_an_unreadable_jpeg_is_skipped_and_named(data_dir, tmp_path, capfd):
+    """A garbage and a truncated .JPEG (train and val): the run finishes; each file is named on stderr."""
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    good = (root / "train" / "ant" / "000.JPEG").read_bytes()
+    (root / "train" / "ant" / "005.JPEG").write_bytes(b"not an image at all")
+    (root / "val" / "bee" / "001.JPEG").write_bytes(good[: len(good) // 3])
+    assert main_imagenet.main(tiny(root, tmp_path, "damaged")) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("train/ant/005.JPEG") == 1 and err.count("val/bee/001.JPEG") == 1
+    assert load_checkpoint(str(tmp_path / "damaged" / "checkpoint.pth.tar"))["finished"]
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--pos_k", "0"], "--pos_k"), (["--neg_k", "0"], "--neg_k"), (["--nce_m", "1"], "--nce_m"),
     (["--pos_k", "6"], "needs 7 per class"),

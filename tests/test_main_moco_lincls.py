@@ -280,3 +280,48 @@ def test_resume_checks_the_flags_of_pretraining_and_linear_evaluation(image_root
     err = _one_line_exit_2(main_lincls.main, lin + ["--epochs", "2", "--net-index", "1", "--lr", "10", "--resume"],
                            capsys)
     assert "was trained with --lr 30.0 --net-index 0, this run has --lr 10.0 --net-index 1;" in err
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+def damaged_copy(image_root, tmp_path, bad_per_class=1):
+    """``image_root`` plus ``bad_per_class`` garbage .JPEG files in every train/ and val/ class folder."""
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(image_root, root)
+    for split in ("train", "val"):
+        for c in range(3):
+            for i in range(bad_per_class):
+                (root / split / f"class{c}" / f"bad{i}.JPEG").write_bytes(b"\xff\xd8\xff garbage, cut short")
+    return root
+
+
+def test_an_unreadable_jpeg_is_skipped_by_pretraining_and_linear_evaluation(image_root, tmp_path, capfd):
+    root = damaged_copy(image_root, tmp_path)
+    argv = TINY + ["--data", str(root), "--epochs", "1", "--moco-k", "16", "--checkpoint", str(tmp_path / "moco"),
+                   "--number-net", "1", "--knn-data", str(root), "--max-eval-batches", "1"]
+    assert main_moco_mcl.main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    for c in range(3):
+        assert err.count(f"class{c}/bad0.JPEG") >= 1
+    lin = TINY + ["--data", str(root), "--epochs", "1", "--checkpoint", str(tmp_path / "lin"), "-j", "1"]
+    assert main_lincls.main(lin) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    for split in ("train", "val"):
+        for c in range(3):
+            assert err.count(f"{split}/class{c}/bad0.JPEG") == 1
+
+
+def test_a_folder_of_unreadable_images_stops_with_one_line(image_root, tmp_path, capfd):
+    """More than 1 % unreadable (past the first 10): one line, exit 2, also from a DataLoader worker."""
+    root = damaged_copy(image_root, tmp_path, bad_per_class=8)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main_lincls.main, TINY + ["--data", str(root), "--epochs", "1", "--checkpoint", str(tmp_path / "l"),
+                                           "-j", "1"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: ") and "images read so far" in err[-1] and "were unreadable" in err[-1]
+    assert all(line.startswith("warning: skipping unreadable image") for line in err[:-1])

@@ -17,7 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from utils import distributed as du
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, user_message
 
 Worker = Callable[[int, argparse.Namespace, int], Optional[int]]
 
@@ -101,7 +101,7 @@ def _worker_entry(local_rank: int, worker: Worker, args: argparse.Namespace, npr
     try:
         codes[local_rank] = worker(local_rank, args, nprocs) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
         codes[local_rank] = err.exit_code
         sys.exit(err.exit_code)
 
