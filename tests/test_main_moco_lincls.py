@@ -325,3 +325,30 @@ def test_a_folder_of_unreadable_images_stops_with_one_line(image_root, tmp_path,
     assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
     assert err[-1].startswith("error: ") and "images read so far" in err[-1] and "were unreadable" in err[-1]
     assert all(line.startswith("warning: skipping unreadable image") for line in err[:-1])
+
+
+# ----------------------------------------------------------------------------- a worker that dies
+
+def test_a_killed_worker_is_named_with_its_signal(image_root, tmp_path):
+    """--multiprocessing-distributed, 2 gloo processes on CPU; rank 1 is SIGKILLed after its first step.
+
+    The launcher exits in bounded time with one line naming the local rank and the signal.
+    """
+    import subprocess
+    import sys
+    import time
+
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "3",
+                   "--checkpoint", str(tmp_path / "ddp"), "--number-net", "1", "--seed", "1",
+                   "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                   "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
+    env = dict(os.environ, MCL_DEBUG_SIGNAL_AFTER_STEPS="1:KILL:1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "main_moco_mcl.py", *argv], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the process of local rank 1 was killed by SIGKILL; the other processes were stopped"], \
+        done.stderr[-3000:]
+    assert "Traceback" not in done.stderr

@@ -36,17 +36,22 @@ from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision, backward_and_step, make_grad_scaler
 from utils.schedule import lr_at_epoch, set_lr
 
-# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
-# signal right after its N-th training step (counted from the start of the process),
-# to test recovery from kill -9 and graceful stops at a chosen step.
+# Test hook: "N", "N:SIGNAME" (default KILL) or "N:SIGNAME:RANK" makes the process (only the
+# one of global rank RANK, when given) send itself that signal right after its N-th training
+# step (counted from the start of the process), to test recovery from kill -9, graceful stops
+# at a chosen step and the death of one process of a group.
 SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
 
 
-def _debug_signal() -> Optional[Tuple[int, int]]:
+def _debug_signal(rank: int) -> Optional[Tuple[int, int]]:
+    """(step, signal) of the test hook for the process of ``rank``, or None."""
     value = os.environ.get(SIGNAL_ENV)
     if not value:
         return None
-    steps, _, name = value.partition(":")
+    steps, _, rest = value.partition(":")
+    name, _, only_rank = rest.partition(":")
+    if only_rank and int(only_rank) != rank:
+        return None
     return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
 
 
@@ -261,7 +266,7 @@ class RunLoop(RunDirCheckpoints):
         self.stop = StopRequest()
         self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
-        self._debug_signal = _debug_signal()
+        self._debug_signal = _debug_signal(ctx.rank)
 
     # ----- checkpoints -------------------------------------------------------
     def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:
