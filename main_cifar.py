@@ -14,17 +14,18 @@ import torch
 from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
                            load_arrays)
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
-from utils.checkpoint import load_checkpoint
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, RunPlan, evaluate_saved_cohort, run_supervised,
-                       start_description, supervised_loop, validate_cohort_args)
+from utils.run import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
+                       load_for_evaluation, run_supervised, SupervisedEntry, start_description, supervised_loop,
+                       validate_cohort_args)
 from utils.supervised import Objective
 
+SCRIPT = "main_cifar"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -60,27 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     if args.fast:
         args.data_path = "tensor"
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of {', '.join(DATASETS)}")
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.train_per_class < 0:
-        raise ConfigError(f"--train-per-class must be 0 (all) or positive (got {args.train_per_class})")
-    for flag, value in (("--synthetic-size", args.synthetic_size), ("--synthetic-classes", args.synthetic_classes),
-                        ("--synthetic-test-size", args.synthetic_test_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be at least 1 (got {value})")
     return args
 
 
 def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_size: int) -> Dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "dataset_choices"}
-    config.update(script="main_cifar", topology=topology, num_classes=num_classes, world_size=world_size,
+    config.update(script=SCRIPT, topology=topology, num_classes=num_classes, world_size=world_size,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     return config
 
@@ -94,7 +87,7 @@ def load_data(args: argparse.Namespace) -> ArrayData:
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: test top-1/top-5 of every network and of the ensemble of a saved run."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_for_evaluation(path, SCRIPT, "--evaluate-checkpoint" if args.evaluate_checkpoint else "--evaluate")
     data = load_data(args)
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
@@ -108,7 +101,7 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_supervised(parse_args(argv), train, evaluate_checkpoint)
+    return run_supervised(parse_args(argv), SupervisedEntry(SCRIPT, build_parser, train, evaluate_checkpoint))
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
@@ -124,7 +117,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
 
     logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
     config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
-    meta = {"script": "main_cifar", "config": config, "arch": args.arch, "number_net": args.number_net,
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
     loop = supervised_loop(args, ctx, plan, model, optimizer, objective, InBatchContrast(args.tau, args.kd_T),
                            train_data, test_data, logger, meta)

@@ -14,15 +14,15 @@ import torch
 
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast
-from utils.checkpoint import load_checkpoint
+from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
 from utils.errors import CheckpointError, ConfigError, DatasetError
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (build_model_and_optimizer, check_resume_classes, RunPlan, evaluate_saved_cohort, run_supervised,
-                       start_description, supervised_loop, validate_cohort_args)
+from utils.run import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
+                       load_for_evaluation, run_supervised, SupervisedEntry, start_description, supervised_loop,
+                       validate_cohort_args)
 from utils.supervised import Objective
 
 SCRIPT = "main_imagenet"
@@ -61,21 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
-    if args.pos_k < 1:
-        raise ConfigError(f"--pos_k must be at least 1 (got {args.pos_k}): every sample needs a positive")
-    if args.neg_k < 1:
-        raise ConfigError(f"--neg_k must be at least 1 (got {args.neg_k}); the paper uses 8192 or 4096")
-    if not 0.0 <= args.nce_m < 1.0:
-        raise ConfigError(f"--nce_m must be in [0, 1) (got {args.nce_m}); the original uses 0.5")
-    if args.image_size < 16:
-        raise ConfigError(f"--image-size must be at least 16 (got {args.image_size})")
-    if args.epochs < 1:
-        raise ConfigError(f"--epochs must be at least 1 (got {args.epochs})")
-    if args.feat_dim < 1:
-        raise ConfigError(f"--feat-dim must be positive (got {args.feat_dim})")
     return args
 
 
@@ -108,7 +96,7 @@ def run_config(args: argparse.Namespace, topology: str, info: TrainSetInfo, worl
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: val top-1/top-5 of every network and of the ensemble of a saved run."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_for_evaluation(path, SCRIPT, "--evaluate-checkpoint" if args.evaluate_checkpoint else "--evaluate")
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     val, classes = build_val_loader(args.data, image_size=args.image_size, batch_size=eval_bs, rank=ctx.rank,
                                     world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device)
@@ -120,7 +108,7 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_supervised(parse_args(argv), train, evaluate_checkpoint)
+    return run_supervised(parse_args(argv), SupervisedEntry(SCRIPT, build_parser, train, evaluate_checkpoint))
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:

@@ -36,11 +36,12 @@ from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.precision import Precision, validate_precision
-from utils.run import claim_run_dir, configure_determinism, load_for_run, resolve_resume
+from utils.run import claim_run_dir, configure_determinism, load_for_evaluation, load_for_resume, resolve_resume
 
 DEFAULT_ARCH = "resnet50"
+SCRIPT = "main_lincls"
 
 
 # ============================================================================ flags
@@ -68,13 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
-    check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--print-freq": args.print_freq})
-    if args.net_index < 0:
-        raise ConfigError(f"--net-index must be >= 0 (got {args.net_index})")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (got {args.workers})")
     return args
 
 
@@ -107,6 +103,15 @@ def pretrained_backbone(args) -> Tuple[Optional[Dict[str, torch.Tensor]], str, s
     return state, args.arch or pre_arch or DEFAULT_ARCH, what
 
 
+def load_resume(args: argparse.Namespace, path: Optional[str], arch: str) -> Optional[Dict]:
+    """The --resume checkpoint: one of this script, trained with these flags (-e: any of this script)."""
+    if path is None:
+        return None
+    if args.evaluate:
+        return load_for_evaluation(path, SCRIPT, "--resume")
+    return load_for_resume(path, SCRIPT, args, build_parser(), {"arch": arch})
+
+
 def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     validate_precision(args.amp, ctx.device)
     configure_determinism(args.deterministic, ctx.device)
@@ -117,12 +122,10 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     seed = args.seed if args.seed is not None else 0
     seed_everything(seed)
     resume_path = resolve_resume(args.resume, None, run_dir)
-    ckpt = load_for_run(resume_path) if resume_path else None
-    if ckpt is not None and ckpt.get("script") != "main_lincls":
-        raise ConfigError(f"--resume {resume_path} is not a main_lincls.py checkpoint (use --pretrained for encoders)")
+    state, arch, what = pretrained_backbone(args)
+    ckpt = load_resume(args, resume_path, arch)
     if not args.evaluate and already_finished(ckpt, args.epochs, resume_path, ctx.is_main):
         return 0
-    state, arch, what = pretrained_backbone(args)
     train_loader, val_loader, num_classes = build_loaders(args, ctx, batch, workers, seed)
     model = prepare_model(arch, state, num_classes, args.pretrained)
     if ckpt is not None and (ckpt.get("arch") != arch or ckpt.get("num_classes") != num_classes):
@@ -137,9 +140,9 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     ddp_model = wrap_ddp(model, ctx)
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     logger = RunLogger(run_dir, enabled=ctx.is_main and not args.evaluate)
-    config = dict(vars(args), script="main_lincls", arch=arch, num_classes=num_classes,
+    config = dict(vars(args), script=SCRIPT, arch=arch, num_classes=num_classes,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
-    meta = {"script": "main_lincls", "config": config, "arch": arch, "number_net": 1,
+    meta = {"script": SCRIPT, "config": config, "arch": arch, "number_net": 1,
             "topology": "independent", "num_classes": num_classes, "net_index": args.net_index}
     precision = Precision(args.amp, args.channels_last)
     method = LinearMethod(model, ddp_model, val_loader, reference, ctx, precision, args.max_eval_batches,

@@ -36,10 +36,12 @@ from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
-from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, check_at_least_one
-from utils.moco_pretrain import MocoMethod, load_resume_checkpoint, sampler_seed_for
+from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
+from utils.moco_pretrain import MocoMethod, sampler_seed_for
 from utils.precision import Precision, validate_precision
-from utils.run import claim_run_dir, configure_determinism, resolve_resume
+from utils.run import claim_run_dir, configure_determinism, load_for_resume, resolve_resume
+
+SCRIPT = "main_moco_mcl"
 
 
 # ============================================================================ flags
@@ -81,16 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
-    check_at_least_one({"--epochs": args.epochs, "--batch-size": args.batch_size, "--number-net": args.number_net,
-                        "--moco-dim": args.moco_dim, "--moco-k": args.moco_k, "--print-freq": args.print_freq})
-    if not 0.0 <= args.moco_m < 1.0:
-        raise ConfigError(f"--moco-m must be in [0, 1) (got {args.moco_m})")
-    if args.moco_t <= 0 or args.kd_T <= 0:
-        raise ConfigError("--moco-t and --kd-T must be positive")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0 (got {args.workers})")
     return args
 
 
@@ -124,7 +118,7 @@ def build_knn_loaders(args: argparse.Namespace, batch: int, workers: int):
 
 def run_config(args: argparse.Namespace, ctx: du.DistContext, batch: int) -> Dict[str, Any]:
     config = dict(vars(args))
-    config.update(script="main_moco_mcl", world_size_total=ctx.world_size, batch_per_process=batch,
+    config.update(script=SCRIPT, world_size_total=ctx.world_size, batch_per_process=batch,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     return config
 
@@ -167,7 +161,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     if ctx.is_main:
         claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     resume_path = resolve_resume(args.resume, None, run_dir)
-    ckpt = load_resume_checkpoint(resume_path, args) if resume_path else None
+    ckpt = load_for_resume(resume_path, SCRIPT, args, build_parser()) if resume_path else None
     if already_finished(ckpt, args.epochs, resume_path, ctx.is_main, " (raise --epochs to train longer)"):
         return 0
     model = build_model(args, ctx)
@@ -179,7 +173,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     knn = build_knn_loaders(args, batch, workers) if args.knn_data and ctx.is_main else None
     logger = RunLogger(run_dir, enabled=ctx.is_main)
     config = run_config(args, ctx, batch)
-    meta = {"script": "main_moco_mcl", "config": config, "arch": args.arch, "number_net": args.number_net,
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": "independent", "num_classes": args.moco_dim}
     precision = Precision(args.amp, args.channels_last)
     method = MocoMethod(args, model, ddp_model, ctx.device, precision, knn)

@@ -106,14 +106,38 @@ def _layout_error(folder: str, name: str, problem: str) -> DatasetError:
     )
 
 
+def _as_pixels(values: Any, path: str, folder: str, name: str) -> np.ndarray:
+    """``values`` as uint8 pixels; a DatasetError for anything but integers in 0-255.
+
+    A plain cast would turn float pixels in [0, 1) into black images without a word.
+    """
+    data = np.asarray(values)
+    if data.dtype == np.uint8:
+        return data
+    if data.dtype.kind not in "iu":
+        raise _layout_error(folder, name, f"{path} has pixels of dtype {data.dtype}, expected uint8 values 0-255")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise _layout_error(folder, name, f"{path} has {data.dtype} pixels outside 0-255")
+    return data.astype(np.uint8)
+
+
+def _as_labels(values: Any, path: str, folder: str, name: str) -> np.ndarray:
+    """``values`` as int64 labels; a DatasetError for non-integers."""
+    labels = np.asarray(values)
+    if labels.ndim != 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise _layout_error(folder, name, f"{path} has labels of dtype {labels.dtype} and shape {labels.shape}, "
+                                          "expected a list of integers")
+    return labels.astype(np.int64)
+
+
 def _decode_batch(entry: dict[str, Any], path: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3072) row-major R,G,B planes -> (N, 32, 32, 3) uint8 and (N,) int64 labels."""
     folder = os.path.dirname(path)
     label_key = _layout(name)["label_key"]
     if "data" not in entry or label_key not in entry:
         raise _layout_error(folder, name, f"{path} lacks the keys 'data' and {label_key!r}")
-    data = np.asarray(entry["data"], dtype=np.uint8)
-    labels = np.asarray(entry[label_key], dtype=np.int64)
+    data = _as_pixels(entry["data"], path, folder, name)
+    labels = _as_labels(entry[label_key], path, folder, name)
     if data.ndim != 2 or data.shape[1] != _IMAGE_BYTES or data.shape[0] != labels.shape[0]:
         raise _layout_error(
             folder, name, f"{path} has data of shape {data.shape} for {labels.shape[0]} labels"

@@ -31,9 +31,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from torchvision import datasets, transforms
+from torchvision import transforms
 
 from data.augment import derive_seed
+from data.image_folder import TolerantImageFolder
 from utils.errors import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,16 +78,6 @@ def check_image_folder(root: str, what: str = "ImageNet split") -> None:
 
 
 # ---- pure sampling functions (class-sorted positions) ----------------------------------------
-
-
-def class_ranges(
-    labels: np.ndarray, num_classes: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(class_start (C,), class_count (C,)) int64 of labels sorted by class."""
-    labels = np.asarray(labels, dtype=np.int64)
-    count = np.bincount(labels, minlength=num_classes or 0).astype(np.int64)
-    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-    return start, count
 
 
 def sample_negatives(
@@ -139,10 +130,12 @@ def sample_positives(
 # ---- dataset ---------------------------------------------------------------------------------
 
 
-class ImageFolderWithContrastIndices(datasets.ImageFolder):
+class ImageFolderWithContrastIndices(TolerantImageFolder):
     """ImageFolder whose items are (image, target, index, pos_idx (1+pos_k,), neg_idx (neg_k,)).
 
-    pos_idx[0] is the index itself; all indices are dataset indices (torch.long).
+    pos_idx[0] is the index itself; all indices are dataset indices (torch.long). An
+    unreadable image is replaced by another of its class (data.image_folder); its
+    indices stay those of ``index``.
     """
 
     def __init__(
@@ -162,14 +155,7 @@ class ImageFolderWithContrastIndices(datasets.ImageFolder):
         self.seed = int(seed)
         self.epoch = 0
         self.deterministic_transform = deterministic_transform
-        labels = np.asarray(self.targets, dtype=np.int64)
-        self.labels = labels
-        # ImageFolder lists samples class by class, so these are identity maps there;
-        # kept general (O(N) each) in case a subclass reorders samples.
-        self.sorted_to_index = np.argsort(labels, kind="stable")
-        self.index_to_sorted = np.empty_like(self.sorted_to_index)
-        self.index_to_sorted[self.sorted_to_index] = np.arange(len(labels))
-        self.class_start, self.class_count = class_ranges(labels, len(self.classes))
+        # labels, sorted_to_index, index_to_sorted, class_start, class_count: TolerantImageFolder's.
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -190,8 +176,7 @@ class ImageFolderWithContrastIndices(datasets.ImageFolder):
         return pos_idx, self.sorted_to_index[neg[0]]
 
     def _load_image(self, index: int) -> Any:
-        path, _ = self.samples[index]
-        image = self.loader(path)
+        image = self.read_image(index)
         if self.transform is None:
             return image
         if not self.deterministic_transform:

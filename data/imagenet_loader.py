@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, List, Tuple
 
 import torch
-from torchvision import datasets
 
+from data.image_folder import TolerantImageFolder
 from data.imagenet import ImageFolderWithContrastIndices, imagenet_eval_transform, imagenet_train_transform
 from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader, ShardedEvalSampler
 from utils.errors import DatasetError
@@ -94,7 +94,7 @@ def build_train_data(root: str, *, image_size: int, batch_size: int, pos_k: int,
 def build_val_loader(root: str, *, image_size: int, batch_size: int, rank: int, world_size: int,
                      num_workers: int, device: torch.device) -> Tuple[torch.utils.data.DataLoader, List[str]]:
     """(loader over this process's shard of ``root/val``, class names); each image counted once overall."""
-    dataset = open_folder(datasets.ImageFolder, split_dir(root, "val"), transform=imagenet_eval_transform(image_size))
+    dataset = open_folder(TolerantImageFolder, split_dir(root, "val"), transform=imagenet_eval_transform(image_size))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                          sampler=ShardedEvalSampler(len(dataset), rank, world_size),
                                          num_workers=num_workers, pin_memory=device.type == "cuda")

@@ -15,7 +15,7 @@ import os
 from typing import Callable, List, Tuple
 
 import torch
-from torchvision.datasets import ImageFolder
+from data.image_folder import TolerantImageFolder
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -94,8 +94,9 @@ def center_crop_transform(image_size: int = 224, resize_ratio: float = 256 / 224
 
 # ----------------------------------------------------------------------------- loading
 
-def image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
-    """``root/split`` as an ImageFolder; DatasetError when it is missing or empty."""
+def image_folder(root: str, split: str, transform: Callable) -> TolerantImageFolder:
+    """``root/split`` as an ImageFolder that skips unreadable images (data.image_folder); DatasetError when
+    it is missing or empty."""
     from utils.errors import DatasetError
 
     path = os.path.join(root, split)
@@ -104,6 +105,6 @@ def image_folder(root: str, split: str, transform: Callable) -> ImageFolder:
             f"{path} is not a directory; --data must hold {split}/<class>/<image> folders (ImageNet layout)"
         )
     try:
-        return ImageFolder(path, transform)
+        return TolerantImageFolder(path, transform)
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetError(f"no images found under {path} ({err}); expected {split}/<class>/<image>.JPEG") from None

@@ -58,7 +58,7 @@ from data.augment import reference_cifar_transforms  # noqa: E402
 from data.pipeline import ArrayData, build_cifar_loaders, load_arrays  # noqa: E402
 from data.samplers import MPerClassBatchSampler  # noqa: E402
 from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
-from utils.args import HelpFormatter
+from utils.args import HelpFormatter, parse_flags
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
 from utils.loop import LoopConfig, RunLoop  # noqa: E402
@@ -361,7 +361,7 @@ def parse_modes(text: str) -> List[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     modes = parse_modes(args.modes)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,7 +46,7 @@ import benchmark  # noqa: E402  (scripts/benchmark.py: the project's modes and t
 from data.cifar import write_cifar100  # noqa: E402
 from data.pipeline import load_arrays  # noqa: E402
 from utils import distributed as du  # noqa: E402
-from utils.args import HelpFormatter  # noqa: E402
+from utils.args import AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import ConfigError, UserError  # noqa: E402
 
@@ -75,8 +75,6 @@ def check_args(args: argparse.Namespace) -> None:
     if not os.path.isfile(script):
         raise ConfigError(f"--original {args.original!r} has no main_cifar.py; pass a checkout of "
                           "github.com/winycg/MCL")
-    if min(args.steps, args.warmup, args.repeats, args.batch_size) < 1:
-        raise ConfigError("--steps, --warmup, --repeats and --batch-size must be at least 1")
     batches = args.synthetic_size // args.batch_size
     if batches < args.warmup + args.steps:
         raise ConfigError(f"--synthetic-size {args.synthetic_size} gives {batches} batches of "
@@ -180,7 +178,7 @@ def run(args: argparse.Namespace, argv: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return run(build_parser().parse_args(argv), argv)
+    return run(parse_flags(build_parser(), argv, {"warmup": AT_LEAST_1}), argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
 from models.export import export_network  # noqa: E402
-from utils.args import HelpFormatter  # noqa: E402
+from utils.args import HelpFormatter, parse_flags  # noqa: E402
 from utils.checkpoint import atomic_save  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
@@ -77,14 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_flags(build_parser(), argv)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise UserError(f"cannot write {args.out}: directory {out_dir} does not exist")
     payload, notes = export_network(args.source, args.net_index, args.which, args.torchvision, args.drop_fc)
+    atomic_save(payload, args.out)  # a read-only --out is one line (CheckpointError), before any note
     for note in notes:
         print(note, file=sys.stderr)
-    atomic_save(payload, args.out)
     classes = f", {payload['num_classes']} classes" if payload["num_classes"] else ""
     dropped = f", without {payload['classifier_dropped']}" if payload["classifier_dropped"] else ""
     source = os.path.relpath(payload["source"])

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import List, Optional, Sequence  # noqa: E402
 
-from utils.args import HelpFormatter  # noqa: E402
+from utils.args import AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.groups import group_runs  # noqa: E402
@@ -114,14 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
-    for flag, value in (("--epochs", args.epochs), ("--jobs", args.jobs), ("--threads", args.threads)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1 (got {value})")
-    if args.max_eval_batches < 0:
-        raise UserError(f"--max-eval-batches must be 0 (all) or positive (got {args.max_eval_batches})")
-    if args.train_per_class < 0:
-        raise UserError(f"--train-per-class must be 0 (all) or positive (got {args.train_per_class})")
+    args = parse_flags(build_parser(), argv, {"threads": AT_LEAST_1})  # every job gets its own threads
     jobs = plan_jobs(args.fast_seeds, args.fp32_seeds)
     if not jobs:
         raise UserError("no seeds given: pass --fast-seeds and/or --fp32-seeds")

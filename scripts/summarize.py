@@ -17,7 +17,7 @@ from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.groups import group_runs  # noqa: E402
 from utils.plots import plot_groups, require_matplotlib  # noqa: E402
-from utils.runs import load_runs  # noqa: E402
+from utils.runs import load_readable_runs  # noqa: E402
 from utils.tables import METRIC_DESCRIPTIONS, csv_report, markdown_report  # noqa: E402
 
 DESCRIPTION = """\
@@ -39,6 +39,9 @@ Metrics (from metrics.jsonl, summary.json only as a fallback):
          network's test top-1 (what the paper's tables and the original report)
   last   last-epoch test top-1 averaged over the networks of the cohort
   ensemble  last-epoch test top-1 of the ensemble (mean of the networks' logits)
+
+A run directory whose files cannot be read (e.g. a damaged metrics.jsonl) is
+skipped with one line on stderr naming it; the table shows the others.
 
 A run without summary.json is unfinished: it is listed under the table with its
 progress and left out of the means unless --include-unfinished (cells marked *).
@@ -91,7 +94,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot:
         require_matplotlib()  # fail before any output
-    groups = group_runs(load_runs(args.runs), ignore=args.ignore_key)
+    runs, unreadable = load_readable_runs(args.runs)
+    for err in unreadable:  # one damaged run does not cost the table of the others
+        print(f"skipped a run: {err}", file=sys.stderr)
+    groups = group_runs(runs, ignore=args.ignore_key)
     report = csv_report if args.csv else markdown_report
     write_text(report(groups, args.metric, args.include_unfinished), args.out)
     if args.plot:

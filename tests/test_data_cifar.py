@@ -100,6 +100,34 @@ def test_wrong_shape_is_malformed(tmp_path):
         load_cifar(str(tmp_path), "cifar100", train=False, download=False)
 
 
+@pytest.mark.parametrize("data,labels,words", [
+    (np.random.default_rng(0).random((3, 3072)).astype(np.float32), [0, 1, 2], "float32"),
+    (np.random.default_rng(0).random((3, 3072)), [0, 1, 2], "float64"),
+    (np.full((3, 3072), 300, np.int64), [0, 1, 2], "outside 0-255"),
+    (np.zeros((3, 3072), np.uint8), [0.0, 1.5, 2.0], "labels of dtype float64"),
+    (np.zeros((3, 32, 32, 3), np.uint8), [0, 1, 2], "shape (3, 32, 32, 3)"),
+], ids=["float32-in-0-1", "float64", "int-above-255", "float-labels", "nhwc"])
+def test_wrong_dtype_or_shape_is_a_dataset_error(tmp_path, data, labels, words):
+    """Float pixels in [0, 1) are not cast to black uint8 images: the reader names the dtype."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    _dump(str(folder / "test"), {b"data": data, b"fine_labels": labels})
+    with pytest.raises(DatasetError) as info:
+        load_cifar(str(tmp_path), "cifar100", train=False, download=False)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_integer_pixel_lists_are_read(tmp_path):
+    """Pixels stored as Python ints (or any integer dtype) within 0-255 are accepted."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rows = np.arange(2 * 3072).reshape(2, 3072) % 256
+    _dump(str(folder / "test"), {"data": rows.tolist(), "fine_labels": np.array([3, 4], np.int32)})
+    images, labels = load_cifar(str(tmp_path), "cifar100", train=False, download=False)
+    assert images.dtype == np.uint8 and images.shape == (2, 32, 32, 3) and labels.tolist() == [3, 4]
+    assert images[0, 0, 1, 0] == 1  # R plane, row 0, column 1
+
+
 def test_stats_and_classes():
     assert num_classes("cifar100") == 100 and num_classes("cifar10") == 10
     assert DATASET_STATS["cifar100"]["mean"] == (0.5071, 0.4867, 0.4408)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from data.image_folder import class_ranges
 from data.imagenet import (
     ImageFolderWithContrastIndices,
-    class_ranges,
     imagenet_eval_transform,
     imagenet_train_transform,
     sample_negatives,
@@ -150,3 +150,76 @@ def test_eval_transform_sizes():
     assert out.shape == (3, 8, 8)
     sizes = [t.size for t in imagenet_eval_transform(224).transforms[:2]]
     assert sizes[0] == 256 and tuple(sizes[1]) == (224, 224)
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+def jpeg_bytes(seed: int, size: int = 16) -> bytes:
+    import io
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def damaged(tmp_path):
+    """class a: 000 good, 001 garbage, 002 truncated, 003 good; class b: three good images."""
+    root = tmp_path / "train"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+    for i, data in enumerate([jpeg_bytes(0), b"this is not a JPEG", jpeg_bytes(1, 64)[:300], jpeg_bytes(2)]):
+        (root / "a" / f"{i:03d}.JPEG").write_bytes(data)
+    for i in range(3):
+        (root / "b" / f"{i:03d}.JPEG").write_bytes(jpeg_bytes(10 + i))
+    return root
+
+
+def test_unreadable_images_are_replaced_from_their_class_and_named_once(damaged, capfd):
+    from data.image_folder import TolerantImageFolder
+
+    dataset = TolerantImageFolder(str(damaged))
+    for _ in range(2):
+        items = [dataset[i] for i in range(len(dataset))]
+        assert [target for _, target in items] == dataset.targets
+        assert all(image.size == (16, 16) for image, _ in items)
+        assert np.array_equal(np.asarray(items[1][0]), np.asarray(items[3][0]))  # the next readable of class a
+        assert np.array_equal(np.asarray(items[2][0]), np.asarray(items[3][0]))
+    assert dataset.skipped == 4
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in "".join(lines)
+    assert str(damaged / "a" / "001.JPEG") in lines[0] and str(damaged / "a" / "002.JPEG") in lines[1]
+
+
+def test_workers_share_the_counts_and_name_a_file_once(damaged, capfd):
+    """DataLoader workers (new ones each epoch) add to one count and name each bad file once."""
+    from torchvision.transforms import v2
+
+    from data.image_folder import TolerantImageFolder
+
+    dataset = TolerantImageFolder(str(damaged), v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2)
+    for _ in range(2):
+        assert sum(images.shape[0] for images, _ in loader) == len(dataset)
+    assert dataset.skipped == 4
+    err = capfd.readouterr().err
+    assert err.count("001.JPEG") == 1 and err.count("002.JPEG") == 1
+
+
+def test_too_many_unreadable_images_stop_with_one_error(tmp_path, capfd):
+    from data.image_folder import BAD_IMAGE_GRACE, TolerantImageFolder
+
+    root = tmp_path / "train"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "000.JPEG").write_bytes(jpeg_bytes(0))
+    for i in range(1, BAD_IMAGE_GRACE + 3):
+        (root / "a" / f"{i:03d}.JPEG").write_bytes(b"garbage")
+    dataset = TolerantImageFolder(str(root))
+    with pytest.raises(DatasetError) as info:
+        for i in range(len(dataset)):
+            dataset[i]
+    assert f"{BAD_IMAGE_GRACE + 1} of the " in str(info.value) and "more than 1%" in str(info.value)
+    (root / "a" / "000.JPEG").write_bytes(b"garbage too")
+    with pytest.raises(DatasetError, match="no readable image in class 'a'"):
+        TolerantImageFolder(str(root))[0]

@@ -187,3 +187,30 @@ def test_export_and_pretrained_backbones_read_the_same_network(tmp_path, capsys)
     backbone, arch, _ = backbone_state(torch.load(ckpt_path, weights_only=False), 1, ckpt_path)
     assert arch == "resnet18" and exported.keys() == backbone.keys()
     assert all(torch.equal(exported[k], backbone[k]) for k in backbone)
+
+
+@pytest.mark.parametrize("where", ["read-only-filesystem", "no-permission"])
+def test_an_unwritable_out_is_one_line(tmp_path, capsys, monkeypatch, where):
+    """--out in a read-only place: one line naming the file and why, no traceback, exit 2."""
+    import errno
+    import tempfile
+
+    run_dir = str(tmp_path / "run")
+    save_run(run_dir, models.build_cohort("resnet32", 2, 10), "resnet32")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    if where == "read-only-filesystem":
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    elif os.geteuid() == 0:
+        out_dir = "/sys"  # sysfs refuses new files even to root
+    else:
+        out_dir.chmod(0o555)
+    out_file = os.path.join(str(out_dir), "net.pth")
+    code, out, err = run_export([run_dir, "--out", out_file], capsys)
+    assert code == 2, err
+    assert err.startswith(f"error: cannot write {out_file}: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert ("Read-only file system" if where == "read-only-filesystem" else "Permission denied") in err
+    assert not os.path.exists(out_file)

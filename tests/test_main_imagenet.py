@@ -126,8 +126,8 @@ def test_stopped_and_resumed_run_ends_with_the_same_banks(full_run, data_dir, tm
     restored = {}
     original_restore = loop.RunLoop.restore
 
-    def spy_restore(self, ckpt):
-        original_restore(self, ckpt)
+    def spy_restore(self, ckpt, path=None):
+        original_restore(self, ckpt, path)
         restored["banks"] = [m.clone() for m in self.method.contrast.memories]
 
     monkeypatch.setattr(loop.RunLoop, "restore", spy_restore)
@@ -196,6 +196,20 @@ def test_bad_data_is_one_line_and_exit_2(tmp_path, capsys, layout):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "train/" in err
+
+
+def test_an_unreadable_jpeg_is_skipped_and_named(data_dir, tmp_path, capfd):
+    """A garbage and a truncated .JPEG (train and val): the run finishes; each file is named on stderr."""
+    root = tmp_path / "data"
+    shutil.copytree(data_dir, root)
+    good = (root / "train" / "ant" / "000.JPEG").read_bytes()
+    (root / "train" / "ant" / "005.JPEG").write_bytes(b"not an image at all")
+    (root / "val" / "bee" / "001.JPEG").write_bytes(good[: len(good) // 3])
+    assert main_imagenet.main(tiny(root, tmp_path, "damaged")) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("train/ant/005.JPEG") == 1 and err.count("val/bee/001.JPEG") == 1
+    assert load_checkpoint(str(tmp_path / "damaged" / "checkpoint.pth.tar"))["finished"]
 
 
 @pytest.mark.parametrize("flags, words", [

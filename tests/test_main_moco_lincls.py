@@ -253,3 +253,107 @@ def test_fp16_on_cpu_is_one_line(script, image_root, tmp_path, capsys):
         run_main(script.main, TINY + ["--amp", "fp16", "--data", image_root, "--checkpoint", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and "--amp fp16 needs CUDA" in err
+
+
+def _one_line_exit_2(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_resume_checks_the_flags_of_pretraining_and_linear_evaluation(image_root, tmp_path, capsys):
+    """A resumed run with other maths is refused naming every differing flag; --epochs, -j, -p may change."""
+    run_dir = str(tmp_path / "moco")
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "1",
+                   "--checkpoint", run_dir, "--number-net", "2", "--seed", "0"]
+    assert main_moco_mcl.main(argv) == 0
+    err = _one_line_exit_2(main_moco_mcl.main, argv + ["--epochs", "2", "--moco-t", "0.2", "--aug-plus", "--resume"],
+                           capsys)
+    assert "was trained with --moco-t 0.07 no --aug-plus, this run has --moco-t 0.2 --aug-plus;" in err
+    err = _one_line_exit_2(main_moco_mcl.main, argv + ["--moco-dim", "64", "--mlp", "--resume"], capsys)
+    assert "--moco-dim 128 no --mlp, this run has --moco-dim 64 --mlp;" in err
+    assert main_moco_mcl.main(argv + ["--epochs", "2", "-p", "5", "--threads", "1", "--resume"]) == 0
+
+    final = os.path.join(run_dir, "checkpoint_0001.pth.tar")
+    lin_dir = str(tmp_path / "lincls")
+    lin = TINY + ["--data", image_root, "--pretrained", final, "--epochs", "1", "--max-train-batches", "1",
+                  "--checkpoint", lin_dir]
+    assert main_lincls.main(lin) == 0
+    err = _one_line_exit_2(main_lincls.main, lin + ["--epochs", "2", "--net-index", "1", "--lr", "10", "--resume"],
+                           capsys)
+    assert "was trained with --lr 30.0 --net-index 0, this run has --lr 10.0 --net-index 1;" in err
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+def damaged_copy(image_root, tmp_path, bad_per_class=1):
+    """``image_root`` plus ``bad_per_class`` garbage .JPEG files in every train/ and val/ class folder."""
+    import shutil
+
+    root = tmp_path / "damaged"
+    shutil.copytree(image_root, root)
+    for split in ("train", "val"):
+        for c in range(3):
+            for i in range(bad_per_class):
+                (root / split / f"class{c}" / f"bad{i}.JPEG").write_bytes(b"\xff\xd8\xff garbage, cut short")
+    return root
+
+
+def test_an_unreadable_jpeg_is_skipped_by_pretraining_and_linear_evaluation(image_root, tmp_path, capfd):
+    root = damaged_copy(image_root, tmp_path)
+    argv = TINY + ["--data", str(root), "--epochs", "1", "--moco-k", "16", "--checkpoint", str(tmp_path / "moco"),
+                   "--number-net", "1", "--knn-data", str(root), "--max-eval-batches", "1"]
+    assert main_moco_mcl.main(argv) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    for c in range(3):
+        assert err.count(f"class{c}/bad0.JPEG") >= 1
+    lin = TINY + ["--data", str(root), "--epochs", "1", "--checkpoint", str(tmp_path / "lin"), "-j", "1"]
+    assert main_lincls.main(lin) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    for split in ("train", "val"):
+        for c in range(3):
+            assert err.count(f"{split}/class{c}/bad0.JPEG") == 1
+
+
+def test_a_folder_of_unreadable_images_stops_with_one_line(image_root, tmp_path, capfd):
+    """More than 1 % unreadable (past the first 10): one line, exit 2, also from a DataLoader worker."""
+    root = damaged_copy(image_root, tmp_path, bad_per_class=8)
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main_lincls.main, TINY + ["--data", str(root), "--epochs", "1", "--checkpoint", str(tmp_path / "l"),
+                                           "-j", "1"])
+    err = capfd.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("error: ") and "images read so far" in err[-1] and "were unreadable" in err[-1]
+    assert all(line.startswith("warning: skipping unreadable image") for line in err[:-1])
+
+
+# ----------------------------------------------------------------------------- a worker that dies
+
+def test_a_killed_worker_is_named_with_its_signal(image_root, tmp_path):
+    """--multiprocessing-distributed, 2 gloo processes on CPU; rank 1 is SIGKILLed after its first step.
+
+    The launcher exits in bounded time with one line naming the local rank and the signal.
+    """
+    import subprocess
+    import sys
+    import time
+
+    argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "3",
+                   "--checkpoint", str(tmp_path / "ddp"), "--number-net", "1", "--seed", "1",
+                   "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                   "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
+    env = dict(os.environ, MCL_DEBUG_SIGNAL_AFTER_STEPS="1:KILL:1", OMP_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "main_moco_mcl.py", *argv], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: the process of local rank 1 was killed by SIGKILL; the other processes were stopped"], \
+        done.stderr[-3000:]
+    assert "Traceback" not in done.stderr

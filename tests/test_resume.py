@@ -173,7 +173,7 @@ def test_bad_checkpoints(tmp_path, capsys, uninterrupted):
     assert "arch" in err
     err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), "--arch", "resnet32",
                                          "--number-net", "3", "--resume", ckpt_path])
-    assert "number_net" in err
+    assert "--number-net 2" in err and "--number-net 3" in err
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -267,3 +267,110 @@ def test_an_exploding_run_never_writes_a_poisoned_checkpoint(tmp_path, lr):
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
         assert "NaN" not in metrics.read_text() and "Infinity" not in metrics.read_text()
+
+
+def test_a_cohort_mismatch_names_the_cohort_flag(tmp_path, capsys, uninterrupted):
+    """The resume hint names --cohort (there is no --topology flag)."""
+    _, run_dir = uninterrupted
+    err = one_line_error(capsys, RUN + ["--checkpoint-dir", str(tmp_path), "--cohort", "branched",
+                                        "--resume", str(run_dir / "checkpoint.pth.tar")])
+    assert "--topology" not in err and "--cohort independent" in err
+    with pytest.raises(CheckpointError) as info:
+        ckpt_mod.check_compatible({"topology": "independent"}, "x.pth.tar", topology="branched")
+    assert "--topology" not in str(info.value) and "--cohort independent" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- resuming with other flags
+
+def with_values(args, **values):
+    """``args`` with the value after each ``--flag`` replaced (flag=value given as flag_name=value)."""
+    args = list(args)
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        args[args.index(flag) + 1] = value
+    return args
+
+
+def test_resume_with_other_data_or_maths_is_refused_naming_every_flag(tmp_path, uninterrupted):
+    """A run continued with another data set size and temperature would have overwritten config.json."""
+    import shutil
+
+    _, run_dir = uninterrupted
+    copy = tmp_path / "r"
+    shutil.copytree(run_dir, copy)
+    config_before = (copy / "config.json").read_bytes()
+    changed = with_values(RUN, synthetic_size="320", epochs="3")
+    out = cli(changed + ["--tau", "0.2", "--checkpoint-dir", str(tmp_path), "--run-name", "r", "--resume"])
+    err = out.stderr.strip()
+    assert out.returncode == 2, err
+    assert err.startswith("error: --resume ") and "\n" not in err and "Traceback" not in err
+    assert "was trained with --tau 0.1 --synthetic-size 160, this run has --tau 0.2 --synthetic-size 320;" in err
+    assert "--epochs" not in err.split(";")[0]  # --epochs may change: raise it to train longer
+    assert (copy / "config.json").read_bytes() == config_before
+
+
+def test_resume_on_another_dataset_names_the_dataset(tmp_path, uninterrupted):
+    import numpy as np
+
+    from tests.test_data_cifar import write_fake_cifar10
+
+    _, run_dir = uninterrupted
+    write_fake_cifar10(str(tmp_path / "data"), np.random.default_rng(0))
+    out = cli(RUN + ["--dataset", "cifar10", "--data", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path),
+                     "--resume", str(run_dir / "checkpoint.pth.tar")])
+    err = out.stderr.strip()
+    assert out.returncode == 2, err
+    assert "was trained with --dataset synthetic" in err and "this run has --dataset cifar10" in err
+    assert "\n" not in err and not (tmp_path / "config.json").exists()
+
+
+def test_flags_that_may_change_on_resume(tmp_path, uninterrupted):
+    """How and where a run runs (epochs, workers, device, progress, caps, ...) may change on resume."""
+    import shutil
+
+    from utils.run import MAY_CHANGE_ON_RESUME
+
+    assert {"epochs", "num_workers", "workers", "device", "threads", "no_progress", "print_freq", "save_every_steps",
+            "max_train_batches", "max_eval_batches", "amp", "fast", "channels_last"} <= MAY_CHANGE_ON_RESUME
+    _, run_dir = uninterrupted
+    shutil.copytree(run_dir, tmp_path / "r")
+    changed = with_values(RUN, epochs="3", save_every_steps="0", max_eval_batches="2")
+    out = cli(changed + ["--threads", "1", "--amp", "bf16", "--checkpoint-dir", str(tmp_path), "--run-name", "r",
+                         "--resume"])
+    assert out.returncode == 0, out.stderr
+    assert final_state(tmp_path / "r")["epoch"] == 3
+
+
+def fake_checkpoint(path, script, arch="resnet32", number_net=2):
+    """A finished checkpoint of ``script`` whose top-level fields match the resnet32 x 2 runs here."""
+    torch.save({"format": "mcl-checkpoint", "version": 1, "script": script, "arch": arch, "number_net": number_net,
+                "topology": "independent", "num_classes": 8, "config": {"script": script}, "epoch": 2, "step": 0,
+                "finished": True, "model": {"encoders_q.0.conv1.weight": torch.zeros(1)}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("flags", [["--resume"], ["--evaluate", "--evaluate-checkpoint"]], ids=["resume", "evaluate"])
+def test_another_scripts_checkpoint_is_refused_in_one_line(tmp_path, capsys, flags):
+    """A MoCo checkpoint given to main_cifar.py: neither 'nothing to do' nor a load_state_dict traceback."""
+    path = fake_checkpoint(tmp_path / "moco.pth.tar", "main_moco_mcl")
+    err = one_line_error(capsys, BASE + ["--checkpoint-dir", str(tmp_path), *flags, path])
+    assert f"{path} was written by main_moco_mcl.py" in err and "main_cifar.py" in err
+
+
+@pytest.mark.parametrize("script,writer", [("main_imagenet", "main_cifar"), ("main_moco_mcl", "main_lincls"),
+                                           ("main_lincls", "main_moco_mcl")])
+def test_every_script_refuses_another_scripts_checkpoint(tmp_path, capsys, script, writer):
+    import importlib
+
+    module = importlib.import_module(script)
+    path = fake_checkpoint(tmp_path / "other.pth.tar", writer, arch="resnet18")
+    if script == "main_imagenet":
+        argv = ["--data", str(tmp_path / "none"), "--checkpoint-dir", str(tmp_path), "--device", "cpu"]
+    else:
+        argv = ["--data", str(tmp_path / "none"), "--checkpoint", str(tmp_path / "run"), "--device", "cpu",
+                "-a", "resnet18"]
+    with pytest.raises(SystemExit) as exc:
+        run_main(module.main, argv + ["--resume", path])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "Traceback" not in err, err
+    assert f"{path} was written by {writer}.py" in err and f"{script}.py" in err

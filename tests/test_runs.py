@@ -60,3 +60,18 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, case):
     assert err.startswith("error: ") and err.count("\n") == 1
     if case == "bad_json":
         assert "config.json" in err
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00\x81 not utf-8\n", b"{\"epoch\": 0}\nnot json\n{\"epoch\": 1}\n"],
+                         ids=["undecodable", "bad-line"])
+def test_an_unreadable_metrics_file_skips_that_run_only(runs_root, capsys, damage):
+    """One damaged metrics.jsonl: one line on stderr naming that run; the table of the others is written."""
+    bad = os.path.join(runs_root, "mcl2_s2")
+    with open(os.path.join(bad, "metrics.jsonl"), "wb") as f:
+        f.write(damage)
+    code, out, err = summarize_cli([runs_root, "--csv"], capsys)
+    assert code == 0, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("skipped a run: cannot read ") and os.path.join(bad, "metrics.jsonl") in err
+    rows = read_csv(out)
+    assert rows["Baseline"]["n"] == "3" and rows["MCL(×2)"]["n"] == "2"

@@ -6,7 +6,9 @@ supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
 ``--help`` shows which is which.
 """
 import argparse
-from typing import Dict, Sequence
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
 
 from models.registry import registered_names
 from utils import distributed as du
@@ -192,8 +194,72 @@ def add_moco_additions(parser: argparse.ArgumentParser) -> argparse._ArgumentGro
     return g
 
 
-def check_at_least_one(values: Dict[str, int]) -> None:
-    """ConfigError naming the first flag of ``values`` ({flag: value}) below 1."""
-    for flag, value in values.items():
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1 (got {value})")
+# ----------------------------------------------------------------------------- numeric flags
+
+@dataclass(frozen=True)
+class Rule:
+    """What a numeric flag accepts: a test and its words (\"--epochs must be <words>\")."""
+
+    words: str
+    accepts: Callable[[float], bool]
+
+
+AT_LEAST_0 = Rule("at least 0", lambda v: v >= 0)
+AT_LEAST_1 = Rule("at least 1", lambda v: v >= 1)
+POSITIVE = Rule("positive", lambda v: v > 0)
+FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)
+SEED = Rule("in [0, 2**32)", lambda v: 0 <= v < 2 ** 32)
+UNSET_OR_AT_LEAST_0 = Rule("-1 (unset) or at least 0", lambda v: v >= -1)
+UNSET_OR_AT_LEAST_1 = Rule("-1 (unset) or at least 1", lambda v: v == -1 or v >= 1)
+
+# The rule of every numeric flag of every script, by destination; 0 is allowed where it means
+# something (no workers, no cap, the default, no weight). parse_flags applies it after parsing.
+NUMERIC_RULES: Dict[str, Rule] = {
+    # counts and sizes
+    "epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "number_net": AT_LEAST_1, "feat_dim": AT_LEAST_1,
+    "m_per_class": AT_LEAST_1, "synthetic_size": AT_LEAST_1, "synthetic_classes": AT_LEAST_1,
+    "synthetic_test_size": AT_LEAST_1, "rep_dim": AT_LEAST_1, "pos_k": AT_LEAST_1, "neg_k": AT_LEAST_1,
+    "moco_dim": AT_LEAST_1, "moco_k": AT_LEAST_1, "print_freq": AT_LEAST_1, "knn_k": AT_LEAST_1,
+    "image_size": Rule("at least 16", lambda v: v >= 16), "steps": AT_LEAST_1, "repeats": AT_LEAST_1,
+    "jobs": AT_LEAST_1,
+    # 0 = none, no cap, the default or all
+    "num_workers": AT_LEAST_0, "workers": AT_LEAST_0, "eval_batch_size": AT_LEAST_0, "threads": AT_LEAST_0,
+    "save_every_steps": AT_LEAST_0, "max_train_batches": AT_LEAST_0, "max_eval_batches": AT_LEAST_0,
+    "train_per_class": AT_LEAST_0, "start_epoch": AT_LEAST_0, "milestones": AT_LEAST_0, "schedule": AT_LEAST_0,
+    "warmup": AT_LEAST_0, "net_index": AT_LEAST_0, "gpu": AT_LEAST_0,
+    # optimisation and the losses
+    "init_lr": POSITIVE, "lr": POSITIVE, "weight_decay": AT_LEAST_0, "momentum": FRACTION,
+    "alpha": AT_LEAST_0, "gamma": AT_LEAST_0, "beta": AT_LEAST_0, "lam": AT_LEAST_0,
+    "tau": POSITIVE, "kd_T": POSITIVE, "moco_t": POSITIVE, "knn_t": POSITIVE, "moco_m": FRACTION, "nce_m": FRACTION,
+    # seeds and process groups
+    "manual_seed": SEED, "seed": SEED, "fast_seeds": SEED, "fp32_seeds": SEED,
+    "world_size": UNSET_OR_AT_LEAST_1, "rank": UNSET_OR_AT_LEAST_0,
+}
+
+
+def check_numeric_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        overrides: Optional[Dict[str, Rule]] = None) -> None:
+    """ConfigError naming the first numeric flag (every value of a list flag) its rule refuses.
+
+    ``overrides`` replaces rules for one script. A numeric flag without a rule is a bug
+    (LookupError): add it to NUMERIC_RULES.
+    """
+    rules = {**NUMERIC_RULES, **(overrides or {})}
+    for action in parser._actions:
+        if action.type not in (int, float):
+            continue
+        if action.dest not in rules:
+            raise LookupError(f"numeric flag {action.option_strings} has no rule; add one to "
+                              f"utils.args.NUMERIC_RULES")
+        value = getattr(args, action.dest, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not (math.isfinite(v) and rules[action.dest].accepts(v)):
+                raise ConfigError(f"{'/'.join(action.option_strings)} must be {rules[action.dest].words} (got {v})")
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                overrides: Optional[Dict[str, Rule]] = None) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags)."""
+    args = parser.parse_args(argv)
+    check_numeric_flags(parser, args, overrides)
+    return args

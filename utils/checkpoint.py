@@ -48,10 +48,13 @@ def atomic_save(obj: Dict[str, Any], path: str) -> None:
     """Write ``obj`` to ``path`` so that ``path`` is never seen half-written.
 
     Raises CheckpointError (previous file intact) when the write fails, e.g. on a
-    full disk.
+    full disk or in a read-only directory.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=TMP_SUFFIX, dir=directory)
+    except OSError as err:  # a read-only or foreign directory: nothing was written
+        raise CheckpointError(f"cannot write {path}: {err.strerror or err}") from None
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from teammates
         with os.fdopen(fd, "wb") as f:
@@ -149,6 +152,15 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     return obj
 
 
+# The flag that sets a checkpoint field whose name is not the flag's (the topology comes from --cohort).
+FLAG_OF_FIELD = {"topology": "--cohort"}
+
+
+def flag_of_field(key: str) -> str:
+    """The command-line flag that sets the checkpoint field ``key``."""
+    return FLAG_OF_FIELD.get(key, "--" + key.replace("_", "-"))
+
+
 def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
     """CheckpointError when a stored field (arch, number_net, ...) differs from the run's."""
     for key, want in expected.items():
@@ -156,7 +168,7 @@ def check_compatible(ckpt: Dict[str, Any], path: str, **expected: Any) -> None:
         if have is not None and have != want:
             raise CheckpointError(
                 f"checkpoint {path} has {key}={have!r} but this run has {key}={want!r}; "
-                f"pass the matching flags (e.g. --{key.replace('_', '-')} {have}) or another checkpoint"
+                f"pass the matching flags (e.g. {flag_of_field(key)} {have}) or another checkpoint"
             )
 
 

@@ -2,7 +2,7 @@
 import sys
 from typing import Callable, List, Optional
 
-from utils.errors import UserError
+from utils.errors import UserError, user_message
 
 
 def run_main(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optional[List[str]] = None) -> None:
@@ -15,6 +15,6 @@ def run_main(main: Callable[[Optional[List[str]]], Optional[int]], argv: Optiona
     try:
         code = main(argv)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
         sys.exit(err.exit_code)
     sys.exit(code or 0)

@@ -23,3 +23,14 @@ class CheckpointError(UserError):
 
 class ConfigError(UserError):
     """Flags that contradict each other or the data."""
+
+
+def user_message(err: UserError) -> str:
+    """The message of ``err``; for one re-raised from a DataLoader worker (whose message then holds
+    the worker's traceback), only the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        name, sep, message = text.rstrip().splitlines()[-1].partition(": ")
+        if sep and name.split(".")[-1] == type(err).__name__:
+            return message
+    return text

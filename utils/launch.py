@@ -11,13 +11,15 @@ import argparse
 import os
 import signal
 import sys
-from typing import Callable, List, Optional, Tuple
+import time
+from multiprocessing import connection as mp_connection
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.multiprocessing as mp
 
 from utils import distributed as du
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, UserError, user_message
 
 Worker = Callable[[int, argparse.Namespace, int], Optional[int]]
 
@@ -101,9 +103,56 @@ def _worker_entry(local_rank: int, worker: Worker, args: argparse.Namespace, npr
     try:
         codes[local_rank] = worker(local_rank, args, nprocs) or 0
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        print(f"error: {user_message(err)}", file=sys.stderr, flush=True)
         codes[local_rank] = err.exit_code
         sys.exit(err.exit_code)
+
+
+STOP_GRACE_S = 10.0  # after a worker died: how long the others get to exit on SIGTERM before SIGKILL
+
+
+def first_failure(processes: List[Any]) -> Optional[Tuple[int, int]]:
+    """(local rank, exit code) of the first process to exit non-zero, or None when all exit 0.
+
+    Among processes found dead together, one killed by a signal comes first: the others
+    usually failed because it did (a broken process group).
+    """
+    pending = {proc.sentinel: rank for rank, proc in enumerate(processes)}
+    while pending:
+        failed = []
+        for sentinel in mp_connection.wait(list(pending)):
+            rank = pending.pop(sentinel)
+            processes[rank].join()
+            if processes[rank].exitcode != 0:
+                failed.append((rank, processes[rank].exitcode))
+        if failed:
+            return min(failed, key=lambda f: (f[1] >= 0, f[0]))
+    return None
+
+
+def stop_all(processes: List[Any], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM every live process; SIGKILL those still alive ``grace_s`` seconds later."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + grace_s
+    for proc in processes:
+        proc.join(max(deadline - time.monotonic(), 0))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+def describe_exit(rank: int, code: int) -> str:
+    """``the process of local rank 1 was killed by SIGKILL`` / ``... exited with code 1``."""
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"the process of local rank {rank} was killed by {name}"
+    return f"the process of local rank {rank} exited with code {code}"
 
 
 def launch(worker: Worker, args: argparse.Namespace) -> int:
@@ -113,7 +162,9 @@ def launch(worker: Worker, args: argparse.Namespace) -> int:
     this parent process is passed on to the workers as SIGTERM: they finish their step,
     rank 0 saves, and the parent exits 130 after SIGINT, 0 after SIGTERM. (A Ctrl-C in a
     terminal reaches the workers directly too; Python runs their SIGINT handler first, so
-    the forwarded SIGTERM does not count as a second Ctrl-C.)
+    the forwarded SIGTERM does not count as a second Ctrl-C.) A worker that dies without
+    saying why (a signal, an exit code without an error line) is named in one line on
+    stderr, with its exit code or signal; the others are stopped.
     """
     nprocs = processes_per_node(args)
     if nprocs == 1 and not getattr(args, "multiprocessing_distributed", False):
@@ -131,14 +182,23 @@ def launch(worker: Worker, args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        failure = first_failure(context.processes)
+        if failure is not None:
+            stop_all(context.processes)
         while not context.join():
             pass
     except mp.ProcessExitedException as err:
-        return max(err.exit_code if err.exit_code and err.exit_code > 0 else 1, max(codes[:]))
+        failure = failure or (err.error_index, err.exit_code)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     code = max(codes[:])
+    if failure is not None:
+        rank, exit_code = failure
+        if codes[rank] == 0:  # it died without its own error line
+            print(f"error: {describe_exit(rank, exit_code)}; the other processes were stopped", file=sys.stderr,
+                  flush=True)
+        return max(exit_code if exit_code > 0 else 1, code)
     return 130 if signal.SIGINT in received and code == 0 else code
 
 

@@ -129,7 +129,7 @@ class RunLoop(RunDirCheckpoints):
         self.stop = StopRequest()
         self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
-        self._debug_signal = debug_signal()
+        self._debug_signal = debug_signal(ctx.rank)
 
     # ----- checkpoints -------------------------------------------------------
     def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:

@@ -15,11 +15,9 @@ from losses.moco import instance_logits, moco_mcl_losses
 from models.moco import MoCoMCL
 from utils import distributed as du
 from utils.checkpoint import link_checkpoint
-from utils.errors import CheckpointError
 from utils.knn import knn_top1
 from utils.method import Method, StepResult
 from utils.precision import Precision
-from utils.run import load_for_run
 
 TERMS = ("loss", "vcl", "soft_vcl", "icl", "soft_icl")
 
@@ -116,20 +114,6 @@ def format_epoch(record: Dict[str, Any]) -> str:
     if "knn" in record:
         line += " | kNN top-1 [" + " ".join(f"{v:.2f}" for v in record["knn"]["top1"]) + "]"
     return line
-
-
-def load_resume_checkpoint(path: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """A main_moco_mcl.py checkpoint whose model has the shape this run builds."""
-    ckpt = load_for_run(path, arch=args.arch, number_net=args.number_net)
-    if ckpt.get("script") != "main_moco_mcl":
-        raise CheckpointError(f"{path} was written by {ckpt.get('script')}.py, not main_moco_mcl.py")
-    stored = ckpt.get("config") or {}
-    for key in ("mlp", "moco_dim", "moco_k"):
-        if key in stored and stored[key] != getattr(args, key):
-            flag = "--" + key.replace("_", "-")
-            raise CheckpointError(f"{path} was trained with {flag} {stored[key]} but this run has "
-                                  f"{getattr(args, key)}; pass the same {flag}")
-    return ckpt
 
 
 def sampler_seed_for(seed: Optional[int], ckpt: Optional[Dict[str, Any]]) -> int:

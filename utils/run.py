@@ -1,4 +1,5 @@
 """Set-up shared by the supervised entry scripts: checks, run directory, resume, optimizer."""
+import argparse
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
@@ -9,9 +10,9 @@ import torch.nn as nn
 from losses.mcl import build_projection_heads
 from models import build_cohort, count_multiply_adds
 from models.cohort import parse_arch_names, resolve_topology
-from utils.checkpoint import (best_checkpoint_path, check_compatible, latest_checkpoint_path, load_checkpoint,
-                              remove_stale_temporaries, seed_everything)
-from utils.errors import ConfigError
+from utils.checkpoint import (best_checkpoint_path, check_compatible, flag_of_field, latest_checkpoint_path,
+                              load_checkpoint, remove_stale_temporaries, seed_everything)
+from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, run_in_group
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
 from utils.precision import Precision, validate_precision
@@ -21,9 +22,8 @@ from utils.supervised import CohortWithHeads, SupervisedMethod, evaluate_cohort
 
 def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: float, lam: float,
                          logit_distill: bool) -> None:
-    """ConfigError for cohort sizes and weights that cannot work together."""
-    if number_net < 1:
-        raise ConfigError(f"--number-net must be at least 1 (got {number_net})")
+    """ConfigError for cohort sizes and weights that cannot work together (each flag's own range:
+    utils.args.NUMERIC_RULES)."""
     if number_net == 1:
         if gamma or beta or lam:
             raise ConfigError("--gamma, --beta and --lam contrast networks with each other and need "
@@ -58,10 +58,91 @@ def resolve_resume(resume: Optional[str], resume_checkpoint: Optional[str], run_
     return latest if os.path.exists(latest) else None
 
 
-def load_for_run(path: str, **expected: Any) -> Dict[str, Any]:
-    """Load ``path`` and check it belongs to a run with the ``expected`` fields."""
+# Flags that may differ between a run and its resumption: how long, how and where it runs, not what it
+# computes. Every other flag a checkpoint's config holds (data set and its size, architecture, cohort,
+# loss weights, temperatures, optimiser, schedule, batch, seed, ...) must be the same.
+MAY_CHANGE_ON_RESUME = frozenset({
+    "epochs", "start_epoch",  # raise --epochs to train longer
+    "data", "data_path", "checkpoint", "checkpoint_dir", "run_name", "knn_data", "resume", "resume_checkpoint",
+    "evaluate", "evaluate_checkpoint", "overwrite",  # paths and what to do
+    "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "world_size", "rank",
+    "multiprocessing_distributed", "num_workers", "workers", "threads", "deterministic",  # where it runs
+    "amp", "fast", "channels_last",  # precision and memory layout
+    "no_progress", "print_freq", "save_every_steps", "max_train_batches", "max_eval_batches", "eval_batch_size",
+    "knn_k", "knn_t",  # reporting, checkpoints, smoke-run caps, the kNN monitor
+    "cohort",  # compared as the topology it resolves to (auto = independent for N = 2)
+    "rep_dim",  # ignored
+})
+
+
+def flag_names(parser: argparse.ArgumentParser) -> Dict[str, str]:
+    """{destination: the flag as --help spells it first} of ``parser``'s options."""
+    names = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--")]
+        if long:
+            names[action.dest] = long[0]
+    return names
+
+
+def describe_flag(flag: str, value: Any) -> str:
+    """``--tau 0.1``, ``--mlp``, ``no --mlp``, ``--milestones 150 225``."""
+    if value is True:
+        return flag
+    if value is False or value is None:
+        return f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(str(v) for v in value)}"
+    return f"{flag} {value}"
+
+
+def check_written_by(ckpt: Dict[str, Any], path: str, script: str, flag: str) -> None:
+    """CheckpointError when ``ckpt`` was written by another entry script than ``script``."""
+    writer = ckpt.get("script")
+    if not writer or writer == script:
+        return
+    hint = ""
+    if script == "main_lincls" and writer in ("main_moco_mcl", "main_imagenet"):
+        hint = f" (to evaluate its encoders: main_lincls.py --pretrained {path})"
+    raise CheckpointError(f"{flag} {path} was written by {writer}.py; {script}.py cannot continue or evaluate it: "
+                          f"use it with {writer}.py{hint}")
+
+
+def check_resume_flags(ckpt: Dict[str, Any], path: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                       resolved: Optional[Dict[str, Any]] = None) -> None:
+    """CheckpointError naming every flag whose value differs from the one the checkpoint was trained with.
+
+    Compared: every key of the checkpoint's ``config`` that is a flag of this run (or a
+    ``resolved`` value such as the topology), except MAY_CHANGE_ON_RESUME.
+    """
+    stored = ckpt.get("config") or {}
+    current = {**vars(args), **(resolved or {})}
+    names = {**flag_names(parser), **{k: flag_of_field(k) for k in resolved or {}}}
+    differ = [key for key in current if key in stored and key in names and key not in MAY_CHANGE_ON_RESUME
+              and stored[key] != current[key]]
+    if differ:
+        was = " ".join(describe_flag(names[k], stored[k]) for k in differ)
+        now = " ".join(describe_flag(names[k], current[k]) for k in differ)
+        raise CheckpointError(f"--resume {path} was trained with {was}, this run has {now}; resume with the "
+                              "flags it was trained with (only where and how it runs may change, e.g. --epochs, "
+                              "workers, devices, paths) or start a new run")
+
+
+def load_for_resume(path: str, script: str, args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The checkpoint at ``path``, checked to be one of ``script`` trained with this run's flags
+    (check_written_by, check_resume_flags) and, where it says, of this run's architecture and topology."""
     ckpt = load_checkpoint(path)
-    check_compatible(ckpt, path, **expected)
+    check_written_by(ckpt, path, script, "--resume")
+    check_resume_flags(ckpt, path, args, parser, resolved)
+    check_compatible(ckpt, path, **(resolved or {}))
+    return ckpt
+
+
+def load_for_evaluation(path: str, script: str, flag: str) -> Dict[str, Any]:
+    """The checkpoint at ``path`` (named by ``flag``), checked to be one of ``script``."""
+    ckpt = load_checkpoint(path)
+    check_written_by(ckpt, path, script, flag)
     return ckpt
 
 
@@ -113,11 +194,12 @@ class RunPlan:
     already_finished: bool = False
 
 
-def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
+def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.ArgumentParser) -> RunPlan:
     """The steps both supervised scripts take before building data and models.
 
     Checks precision and device, seeds, resolves the topology and the run directory,
-    and loads the checkpoint to resume (checked against the flags).
+    and loads the checkpoint to resume (checked to be one of ``script`` trained with
+    the same flags of ``parser``).
     """
     validate_precision(args.amp, ctx.device)
     if args.threads > 0:
@@ -135,7 +217,7 @@ def plan_supervised_run(args: Any, ctx: Any) -> RunPlan:
     if ctx.is_main:
         claim_run_dir(plan.run_dir, "--checkpoint-dir", args.resume is not None, args.overwrite)
     if plan.resume_path is not None:
-        plan.ckpt = load_for_run(plan.resume_path, arch=args.arch, number_net=args.number_net, topology=topology)
+        plan.ckpt = load_for_resume(plan.resume_path, script, args, parser, {"topology": topology})
         plan.already_finished = already_finished(plan.ckpt, args.epochs, plan.resume_path, ctx.is_main,
                                                  " (raise --epochs to train longer)")
     return plan
@@ -209,13 +291,16 @@ class SupervisedEntry:
     """What every process of main_cifar.py / main_imagenet.py runs: plan the run, then evaluate a
     checkpoint (``--evaluate``), stop when the resumed run has finished, or train.
 
-    ``train(args, ctx, plan)`` and ``evaluate(args, ctx, path)`` are the script's own functions.
+    ``script`` names it (its checkpoints say so), ``build_parser`` makes its parser (resume
+    compares the checkpoint's flags with it), and ``train(args, ctx, plan)`` and
+    ``evaluate(args, ctx, path)`` are its own functions.
     """
-    def __init__(self, train: Any, evaluate: Any) -> None:
-        self.train, self.evaluate = train, evaluate
+
+    def __init__(self, script: str, build_parser: Any, train: Any, evaluate: Any) -> None:
+        self.script, self.build_parser, self.train, self.evaluate = script, build_parser, train, evaluate
 
     def __call__(self, args: Any, ctx: Any, _nprocs: int = 1) -> int:
-        plan = plan_supervised_run(args, ctx)
+        plan = plan_supervised_run(args, ctx, self.script, self.build_parser())
         if args.evaluate:
             return self.evaluate(args, ctx, args.evaluate_checkpoint or best_checkpoint_path(plan.run_dir))
         if plan.already_finished:
@@ -223,8 +308,8 @@ class SupervisedEntry:
         return self.train(args, ctx, plan)
 
 
-def run_supervised(args: Any, train: Any, evaluate: Any) -> int:
-    """--gpu-id (the original's CUDA_VISIBLE_DEVICES), then :class:`SupervisedEntry` in every process."""
+def run_supervised(args: Any, entry: SupervisedEntry) -> int:
+    """--gpu-id (the original's CUDA_VISIBLE_DEVICES), then ``entry`` in every process."""
     if args.gpu_id is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
-    return launch(run_in_group(SupervisedEntry(train, evaluate)), args)
+    return launch(run_in_group(entry), args)

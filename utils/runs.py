@@ -10,7 +10,7 @@ import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from utils.errors import UserError
 
@@ -166,10 +166,13 @@ def read_jsonl(path: str) -> List[Dict[str, Any]]:
     if not os.path.exists(path):
         return []
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f]
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot read {path}: not UTF-8 text (byte {err.start}); "
+                        "fix or remove that run directory") from None
     lines = [line for line in lines if line]
     records = []
     for number, line in enumerate(lines, start=1):
@@ -213,5 +216,24 @@ def load_run(path: str) -> Run:
 
 
 def load_runs(patterns: Sequence[str]) -> List[Run]:
-    """Every run directory named by ``patterns`` (see find_run_dirs), read."""
+    """Every run directory named by ``patterns`` (see find_run_dirs), read; UserError at the first unreadable one."""
     return [load_run(path) for path in find_run_dirs(patterns)]
+
+
+def load_readable_runs(patterns: Sequence[str]) -> Tuple[List[Run], List[UserError]]:
+    """(the readable run directories named by ``patterns``, the error of each unreadable one).
+
+    UserError when none is readable (the only error, or a count and the first).
+    """
+    runs: List[Run] = []
+    errors: List[UserError] = []
+    for path in find_run_dirs(patterns):
+        try:
+            runs.append(load_run(path))
+        except UserError as err:
+            errors.append(err)
+    if not runs and len(errors) == 1:
+        raise errors[0]
+    if not runs:
+        raise UserError(f"none of the {len(errors)} run directories is readable; the first: {errors[0]}")
+    return runs, errors

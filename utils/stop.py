@@ -7,17 +7,22 @@ import torch
 
 from utils import distributed as du
 
-# Test hook: "N" or "N:SIGNAME" (default KILL) makes the process send itself that
-# signal right after its N-th training step (counted from the start of the process),
-# to test recovery from kill -9 and graceful stops at a chosen step.
+# Test hook: "N", "N:SIGNAME" (default KILL) or "N:SIGNAME:RANK" makes the process (only the
+# one of global rank RANK, when given) send itself that signal right after its N-th training
+# step (counted from the start of the process), to test recovery from kill -9, graceful stops
+# at a chosen step and the death of one process of a group.
 SIGNAL_ENV = "MCL_DEBUG_SIGNAL_AFTER_STEPS"
 
 
-def debug_signal() -> Optional[Tuple[int, int]]:
+def debug_signal(rank: int) -> Optional[Tuple[int, int]]:
+    """(step, signal) of the test hook for the process of ``rank``, or None."""
     value = os.environ.get(SIGNAL_ENV)
     if not value:
         return None
-    steps, _, name = value.partition(":")
+    steps, _, rest = value.partition(":")
+    name, _, only_rank = rest.partition(":")
+    if only_rank and int(only_rank) != rank:
+        return None
     return int(steps), getattr(signal, "SIG" + (name or "KILL").upper().removeprefix("SIG"))
 
 

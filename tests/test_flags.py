@@ -1,0 +1,93 @@
+"""Every numeric flag of every script is checked when the command line is parsed.
+
+A bad value (negative; zero where zero means nothing; a fraction of 1 or more) is one
+line on stderr naming the flag and the rule, exit code 2, no traceback, before any data
+or model is touched.
+"""
+import argparse
+
+import pytest
+
+import main_cifar
+import main_imagenet
+import main_lincls
+import main_moco_mcl
+from tests.script_helpers import load_script
+from utils.args import NUMERIC_RULES, check_numeric_flags
+from utils.cli import run_main
+from utils.errors import ConfigError
+
+SCRIPTS = {
+    "main_cifar": (main_cifar, []),
+    "main_imagenet": (main_imagenet, []),
+    "main_moco_mcl": (main_moco_mcl, []),
+    "main_lincls": (main_lincls, []),
+    "export": (load_script("export"), ["run_dir", "--out", "net.pth"]),
+    "benchmark": (load_script("benchmark"), []),
+    "benchmark_original": (load_script("benchmark_original"), ["--original", "MCL"]),
+    "study_cifar": (load_script("study_cifar"), ["--data", "data"]),
+}
+
+# Flags where -1 means "unset" (the original's defaults): -2 is their bad value.
+MINUS_ONE_ALLOWED = {"world_size", "rank"}
+# Flags where zero means nothing (or divides by zero); the others give 0 a meaning (none, no cap, default).
+ZERO_MEANINGLESS = {
+    "epochs", "batch_size", "number_net", "feat_dim", "m_per_class", "init_lr", "lr", "tau", "kd_T", "moco_t",
+    "moco_dim", "moco_k", "print_freq", "image_size", "pos_k", "neg_k", "knn_k", "knn_t", "synthetic_size",
+    "synthetic_classes", "synthetic_test_size", "rep_dim", "steps", "repeats", "jobs",
+}
+FRACTIONS = {"nce_m", "moco_m", "momentum"}  # in [0, 1)
+
+
+def numeric_actions(parser: argparse.ArgumentParser):
+    return [a for a in parser._actions if a.type in (int, float)]
+
+
+def bad_values(action: argparse.Action):
+    values = ["-2" if action.dest in MINUS_ONE_ALLOWED else "-1"]
+    if action.dest in ZERO_MEANINGLESS:
+        values.append("0")
+    if action.dest in FRACTIONS:
+        values.append("1")
+    if action.type is float:
+        values.append("nan")
+    return values
+
+
+def cases():
+    for name, (module, base) in SCRIPTS.items():
+        for action in numeric_actions(module.build_parser()):
+            for value in bad_values(action):
+                yield pytest.param(name, action.option_strings, value, id=f"{name}-{action.option_strings[0]}={value}")
+
+
+@pytest.mark.parametrize("script,options,value", list(cases()))
+def test_a_bad_numeric_value_is_one_line_naming_the_flag(capsys, script, options, value):
+    module, base = SCRIPTS[script]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main, base + [options[-1], value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "/".join(options) in err and "must be" in err and value in err.replace("-1.0", "-1")
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_every_numeric_flag_has_a_rule_and_the_defaults_pass(script):
+    parser = SCRIPTS[script][0].build_parser()
+    missing = [a.dest for a in numeric_actions(parser) if a.dest not in NUMERIC_RULES]
+    assert not missing
+    check_numeric_flags(parser, parser.parse_args(SCRIPTS[script][1]))
+
+
+def test_a_numeric_flag_without_a_rule_is_a_bug():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-flag", type=int, default=1)
+    with pytest.raises(LookupError, match="NUMERIC_RULES"):
+        check_numeric_flags(parser, parser.parse_args([]))
+
+
+def test_list_flags_check_every_value():
+    parser = main_cifar.build_parser()
+    with pytest.raises(ConfigError, match="--milestones must be at least 0 .got -5."):
+        check_numeric_flags(parser, parser.parse_args(["--milestones", "10", "-5"]))
