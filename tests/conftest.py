@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT
+
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

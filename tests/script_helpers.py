@@ -8,7 +8,7 @@ import pytest
 
 from utils.cli import run_main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 
 
 def load_script(name: str) -> ModuleType:

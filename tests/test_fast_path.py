@@ -29,7 +29,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 CONFIG = ["--dataset", "synthetic", "--synthetic-size", "960", "--synthetic-test-size", "1000",
           "--synthetic-classes", "4", "--batch-size", "32", "--m-per-class", "8", "--epochs", "8",
           "--init-lr", "0.05", "--eval-batch-size", "250", "--num-workers", "0", "--no-progress",

@@ -1,6 +1,5 @@
 """main_cifar.py end to end on tiny synthetic data: every mode of the CLI, the run directory."""
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,7 @@ import torch
 import main_cifar
 from utils.checkpoint import load_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 TINY = ["--dataset", "synthetic", "--synthetic-size", "200", "--synthetic-classes", "10", "--batch-size", "16",
         "--m-per-class", "2", "--epochs", "1", "--max-train-batches", "2", "--max-eval-batches", "2",
         "--num-workers", "0", "--no-progress", "--eval-batch-size", "32"]

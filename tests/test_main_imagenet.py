@@ -23,7 +23,7 @@ from utils.supervised import Objective
 
 torch.set_num_threads(1)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 MCL = ["--alpha", "0.1", "--gamma", "1.", "--beta", "0.1", "--lam", "1."]
 RUN_FILES = ("checkpoint.pth.tar", "best.pth.tar", "config.json", "metrics.jsonl", "summary.json")
 

@@ -6,7 +6,7 @@ import shlex
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 
 
 def readme_commands():

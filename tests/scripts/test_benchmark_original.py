@@ -6,12 +6,11 @@ its model and tensors, uses ``numpy.int`` and trains with SGD for ever; and a ``
 whose architecture names differ in case from this project's (``WRN_16_2``).
 """
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 TINY = ["--batch-size", "16", "--synthetic-size", "320", "--steps", "2", "--warmup", "1", "--repeats", "2",
         "--threads", "1"]
 

@@ -16,7 +16,7 @@ from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import run_main
 from utils.errors import CheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 # 2 epochs x 3 steps, MCL(x2) with logit distillation, deterministic on CPU.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "160", "--synthetic-classes", "8", "--batch-size", "16",
        "--m-per-class", "2", "--epochs", "2", "--max-train-batches", "3", "--max-eval-batches", "1",

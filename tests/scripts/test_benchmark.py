@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 TINY = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--batch-size", "16", "--synthetic-size", "320",
         "--device", "cpu", "--threads", "1"]
 MODE_KEYS = {"mode", "arch", "number_net", "topology", "batch_size", "images_per_s", "images_per_s_rounds",

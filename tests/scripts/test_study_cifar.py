@@ -10,7 +10,7 @@ import pytest
 from data.pipeline import class_balanced_subset, load_arrays
 from utils.errors import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import ROOT  # noqa: E402
 STUDY = os.path.join(ROOT, "scripts", "study_cifar.py")
 TINY = ["--dataset", "synthetic", "--epochs", "2", "--train-per-class", "20", "--m-per-class", "4",
         "--fast-seeds", "0", "1", "--fp32-seeds", "0"]
