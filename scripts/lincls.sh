@@ -6,12 +6,7 @@
 # Environment: DATA, GPU_IDS, PORT, SEEDS as in train_moco_mcl.sh; EPOCH_FILE
 # (default checkpoint_0199.pth.tar, the last epoch of a 200-epoch pre-training).
 # Extra arguments are passed to every run.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-DATA=${DATA:-./data/ImageNet}
-GPU_IDS=${GPU_IDS:-0,1,2,3,4,5,6,7}
-PORT=${PORT:-10001}
-SEEDS=${SEEDS:-0}
+source "$(dirname "$0")/_moco_env.sh"
 NET_INDEX=${NET_INDEX:-0}
 EPOCH_FILE=${EPOCH_FILE:-checkpoint_0199.pth.tar}
 for seed in $SEEDS; do

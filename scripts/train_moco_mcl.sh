@@ -7,12 +7,7 @@
 # Then run scripts/lincls.sh. Environment: DATA (default ./data/ImageNet), GPU_IDS
 # (default 0,1,2,3,4,5,6,7), PORT (10001), SEEDS (default "0"; the paper used three runs).
 # Extra arguments are passed to every run, e.g.: bash scripts/train_moco_mcl.sh --epochs 100
-set -euo pipefail
-cd "$(dirname "$0")/.."
-DATA=${DATA:-./data/ImageNet}
-GPU_IDS=${GPU_IDS:-0,1,2,3,4,5,6,7}
-PORT=${PORT:-10001}
-SEEDS=${SEEDS:-0}
+source "$(dirname "$0")/_moco_env.sh"
 for seed in $SEEDS; do
     for n in 1 2; do
         python3 main_moco_mcl.py --data "$DATA" -a resnet18 --lr 0.03 --batch-size 256 --number-net "$n" \
