@@ -20,7 +20,7 @@ from utils.contrast import MemoryContrast
 from utils.errors import CheckpointError, ConfigError, DatasetError
 from utils.precision import Precision
 from utils.run_files import RunLogger
-from utils.run import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
+from utils.script_setup import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
                        load_for_evaluation, run_supervised, SupervisedEntry, start_description, supervised_loop,
                        validate_cohort_args)
 from utils.supervised import Objective

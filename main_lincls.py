@@ -38,7 +38,7 @@ from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.precision import Precision, validate_precision
-from utils.run import claim_run_dir, configure_determinism, load_for_evaluation, load_for_resume, resolve_resume
+from utils.script_setup import claim_run_dir, configure_determinism, load_for_evaluation, load_for_resume, resolve_resume
 
 DEFAULT_ARCH = "resnet50"
 SCRIPT = "main_lincls"

@@ -21,7 +21,7 @@ from models.pretrained import (SPLITNET_KEYS, NetworkState, check_net_index, che
 from models.registry import get_spec
 from utils.checkpoint import best_checkpoint_path, latest_checkpoint_path, load_checkpoint
 from utils.errors import CheckpointError, UserError
-from utils.runs import read_jsonl, record_top1
+from utils.run_dirs import read_jsonl, record_top1
 from utils.state_keys import drop_module, splitnet_to_torchvision_keys, take_prefix
 
 NATIVE_FORMAT = "mcl-network"  # models.get_model(arch, num_classes).load_state_dict(state_dict)

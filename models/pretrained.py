@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from utils.errors import CheckpointError, ConfigError
-from utils.runs import infer_script
+from utils.run_dirs import infer_script
 from utils.state_keys import (cohort_topology, drop_module, network_state_from_cohort_keys,
                               splitnet_to_torchvision_keys, strip_ddp_prefix, take_prefix)
 

@@ -66,7 +66,7 @@ from utils.precision import Precision  # noqa: E402
 from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noqa: E402
 from utils.run_files import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
-from utils.run import build_sgd, configure_determinism  # noqa: E402
+from utils.script_setup import build_sgd, configure_determinism  # noqa: E402
 
 MODES = ("reference", "fast")
 Step = Callable[[], float]  # runs one training step, returns the seconds spent waiting for data

@@ -32,7 +32,7 @@ from utils.args import AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
 from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.groups import group_runs  # noqa: E402
-from utils.runs import load_runs  # noqa: E402
+from utils.run_dirs import load_runs  # noqa: E402
 from utils.tables import markdown_report  # noqa: E402
 
 MAIN_CIFAR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_cifar.py")

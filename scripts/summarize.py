@@ -17,7 +17,7 @@ from utils.cli import run_main  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.groups import group_runs  # noqa: E402
 from utils.plots import plot_groups, require_matplotlib  # noqa: E402
-from utils.runs import load_readable_runs  # noqa: E402
+from utils.run_dirs import load_readable_runs  # noqa: E402
 from utils.tables import METRIC_DESCRIPTIONS, csv_report, markdown_report  # noqa: E402
 
 DESCRIPTION = """\

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from tests import ROOT  # noqa: E402
-RUN_LOOP = ("utils.loop", "utils.method", "utils.stop", "utils.supervised", "utils.moco_pretrain", "utils.lincls", "utils.run", "utils.launch",
+RUN_LOOP = ("utils.loop", "utils.method", "utils.stop", "utils.supervised", "utils.moco_pretrain", "utils.lincls", "utils.script_setup", "utils.launch",
             "utils.contrast", "utils.knn")
 CHECK = """
 import importlib, sys

@@ -280,7 +280,7 @@ def test_resume_checks_the_flags_of_pretraining_and_linear_evaluation(image_root
     final = os.path.join(run_dir, "checkpoint_0001.pth.tar")
     lin_dir = str(tmp_path / "lincls")
     lin = TINY + ["--data", image_root, "--pretrained", final, "--epochs", "1", "--max-train-batches", "1",
-                  "--checkpoint", lin_dir]
+                  "--checkpoint", lin_dir, "--run-name", "lin"]  # one run directory whatever --net-index says
     assert main_lincls.main(lin) == 0
     err = _one_line_exit_2(main_lincls.main, lin + ["--epochs", "2", "--net-index", "1", "--lr", "10", "--resume"],
                            capsys)

@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
-from utils.runs import SEED_KEYS, Run, infer_script
+from utils.run_dirs import SEED_KEYS, Run, infer_script
 
 # Flags that say where or how a run was executed, not what was trained.
 BOOKKEEPING_KEYS = frozenset({

@@ -187,8 +187,10 @@ def launch(worker: Worker, args: argparse.Namespace) -> int:
             stop_all(context.processes)
         while not context.join():
             pass
-    except mp.ProcessExitedException as err:
-        failure = failure or (err.error_index, err.exit_code)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
+        # A process that died first (above) usually made the others fail (a broken process group):
+        # name that one; otherwise the one join reports (it raised: exit code 1).
+        failure = failure or (err.error_index, getattr(err, "exit_code", 1))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from utils.errors import UserError
 from utils.groups import RunGroup
-from utils.runs import Run, as_floats, record_test
+from utils.run_dirs import Run, as_floats, record_test
 from utils.tables import counted_runs, table_order
 
 MATPLOTLIB_MISSING = "--plot needs matplotlib: pip install matplotlib (or pip install -e .[plot])"

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from utils.errors import UserError
 from utils.groups import ARCH_DISPLAY_NAMES, RunGroup
-from utils.runs import Run, record_test, record_top1
+from utils.run_dirs import Run, record_test, record_top1
 
 METRIC_DESCRIPTIONS = {
     "paper": "best single network at its best epoch (the paper's and the original's headline number)",

@@ -8,7 +8,7 @@ import torch
 
 from utils import checkpoint as ckpt_mod
 from utils.checkpoint import CheckpointError, atomic_save, remove_stale_temporaries
-from utils.run import prepare_run_dir
+from utils.script_setup import prepare_run_dir
 
 
 def test_checkpoints_follow_the_umask(tmp_path):

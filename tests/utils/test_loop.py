@@ -328,7 +328,7 @@ def test_flags_that_may_change_on_resume(tmp_path, uninterrupted):
     """How and where a run runs (epochs, workers, device, progress, caps, ...) may change on resume."""
     import shutil
 
-    from utils.run import MAY_CHANGE_ON_RESUME
+    from utils.script_setup import MAY_CHANGE_ON_RESUME
 
     assert {"epochs", "num_workers", "workers", "device", "threads", "no_progress", "print_freq", "save_every_steps",
             "max_train_batches", "max_eval_batches", "amp", "fast", "channels_last"} <= MAY_CHANGE_ON_RESUME

@@ -7,7 +7,7 @@ import pytest
 
 from tests.script_helpers import script_cli
 from utils.plots import group_curves
-from utils.runs import load_run
+from utils.run_dirs import load_run
 
 summarize_cli = script_cli("summarize")
 

@@ -6,7 +6,7 @@ import pytest
 from tests.fake_runs import CURVES, config_of, expected, last, paper, read_csv, write_run
 from tests.script_helpers import script_cli
 from utils import tables
-from utils.runs import load_run
+from utils.run_dirs import load_run
 
 summarize_cli = script_cli("summarize")
 

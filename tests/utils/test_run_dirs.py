@@ -1,4 +1,4 @@
-"""utils/runs.py and utils/groups.py through scripts/summarize.py: finding, reading and grouping runs."""
+"""utils/run_dirs.py and utils/groups.py through scripts/summarize.py: finding, reading and grouping runs."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import pytest
 
 from tests.fake_runs import CURVES, config_of, read_csv, write_run
 from tests.script_helpers import script_cli
-from utils.runs import load_run
+from utils.run_dirs import load_run
 
 summarize_cli = script_cli("summarize")
 
