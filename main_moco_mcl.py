@@ -37,7 +37,7 @@ from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
-from utils.moco_pretrain import MocoMethod, sampler_seed_for
+from utils.moco_pretrain import MocoMethod, link_final_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
 from utils.script_setup import claim_run_dir, configure_determinism, load_for_resume, resolve_resume
 
@@ -163,6 +163,8 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     resume_path = resolve_resume(args.resume, None, run_dir)
     ckpt = load_for_resume(resume_path, SCRIPT, args, build_parser()) if resume_path else None
     if already_finished(ckpt, args.epochs, resume_path, ctx.is_main, " (raise --epochs to train longer)"):
+        if ctx.is_main:  # a kill may have come between the finished checkpoint and its links
+            link_final_checkpoint(run_dir, int(ckpt["epoch"]))
         return 0
     model = build_model(args, ctx)
     ddp_model = wrap_ddp(model, ctx)

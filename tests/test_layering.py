@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from tests import ROOT  # noqa: E402
-RUN_LOOP = ("utils.loop", "utils.method", "utils.stop", "utils.supervised", "utils.moco_pretrain", "utils.lincls", "utils.script_setup", "utils.launch",
-            "utils.contrast", "utils.knn")
+from tests import ROOT
+
+RUN_LOOP = ("utils.loop", "utils.method", "utils.stop", "utils.supervised", "utils.moco_pretrain", "utils.lincls",
+            "utils.script_setup", "utils.launch", "utils.contrast", "utils.knn")
 CHECK = """
 import importlib, sys
 loop = {loop!r}

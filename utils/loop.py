@@ -274,7 +274,9 @@ class RunLoop(RunDirCheckpoints):
             print(self.method.progress_line(s.epoch, s.step, total, lr, named, s.train_acc), flush=True)
 
     def end_epoch(self) -> None:
-        """Evaluate, record, advance to the next epoch, save (latest, then best), log."""
+        """Evaluate, record, advance to the next epoch; write best.pth.tar, the metrics line, then the latest
+        checkpoint (in that order: a kill between two of them leaves the latest checkpoint of before this
+        epoch's end, so a resume redoes the epoch and writes all three again), and log."""
         s = self.state
         self.method.check()
         if self.ctx.is_main:
@@ -296,10 +298,10 @@ class RunLoop(RunDirCheckpoints):
         s.epoch, s.step = s.epoch + 1, 0
         s.train_meter, s.train_acc = SumMeter(), AccuracyCounter(self.method.num_heads)
         s.elapsed, s.images = 0.0, 0
-        self.save()
         if is_best and self.method.saves_best:
             self.save(self.best_path, for_best=True)
         self.logger.log_epoch(record)
+        self.save()
         self.logger.text(self.method.format_epoch(record))
 
     # ----- the run ------------------------------------------------------------
@@ -316,10 +318,12 @@ class RunLoop(RunDirCheckpoints):
                 self.end_epoch()
             self.method.check()
             s.finished = True
-            self.save()
-            if self.ctx.is_main:
+            summary: Dict[str, Any] = {}
+            if self.ctx.is_main:  # the summary before the finished checkpoint, for the reason end_epoch gives
                 summary = self.method.summary(s, read_metrics(self.logger.metrics_path), self.config.epochs)
                 self.logger.write_summary(summary)
+            self.save()
+            if self.ctx.is_main:
                 self.method.on_finished(self, summary)
             return 0
         finally:

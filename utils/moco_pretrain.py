@@ -14,7 +14,7 @@ import torch
 from losses.moco import instance_logits, moco_mcl_losses
 from models.moco import MoCoMCL
 from utils import distributed as du
-from utils.checkpoint import link_checkpoint
+from utils.checkpoint import latest_checkpoint_path, link_checkpoint
 from utils.knn import knn_top1
 from utils.method import Method, StepResult
 from utils.precision import Precision
@@ -88,11 +88,7 @@ class MocoMethod(Method):
         return format_epoch(record)
 
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
-        name = f"checkpoint_{self.args.epochs - 1:04d}.pth.tar"
-        final = os.path.join(loop.run_dir, name)
-        link_checkpoint(loop.latest_path, final)  # the finished latest checkpoint under the original's name
-        original = os.path.join(os.path.dirname(os.path.abspath(loop.run_dir)), name)
-        link_checkpoint(loop.latest_path, original)  # and where the original wrote it (the newest run's)
+        final, original = link_final_checkpoint(loop.run_dir, self.args.epochs)
         loop.logger.text(f"finished {self.args.epochs} epochs; encoders for main_lincls.py: {final} "
                          f"(also linked as {original})")
 
@@ -102,6 +98,18 @@ class MocoMethod(Method):
         return {"finished": True, "epochs": epochs, "best_acc": state.best_acc if monitored else None,
                 "best_epoch": state.best_epoch if monitored else None, "last_train": last.get("train"),
                 "last_knn_top1": (last.get("knn") or {}).get("top1")}
+
+
+def link_final_checkpoint(run_dir: str, epochs: int) -> Tuple[str, str]:
+    """Link the finished latest checkpoint as checkpoint_<last epoch>.pth.tar, the original's name, in the
+    run directory and in its parent (where the original wrote it; the newest run's): (both paths)."""
+    name = f"checkpoint_{epochs - 1:04d}.pth.tar"
+    latest = latest_checkpoint_path(run_dir)
+    final = os.path.join(run_dir, name)
+    original = os.path.join(os.path.dirname(os.path.abspath(run_dir)), name)
+    for path in (final, original):
+        link_checkpoint(latest, path)
+    return final, original
 
 
 def format_epoch(record: Dict[str, Any]) -> str:

@@ -312,7 +312,7 @@ def test_resume_with_other_data_or_maths_is_refused_naming_every_flag(tmp_path, 
 def test_resume_on_another_dataset_names_the_dataset(tmp_path, uninterrupted):
     import numpy as np
 
-    from tests.test_data_cifar import write_fake_cifar10
+    from tests.data.test_cifar import write_fake_cifar10
 
     _, run_dir = uninterrupted
     write_fake_cifar10(str(tmp_path / "data"), np.random.default_rng(0))
@@ -374,3 +374,99 @@ def test_every_script_refuses_another_scripts_checkpoint(tmp_path, capsys, scrip
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and "\n" not in err and "Traceback" not in err, err
     assert f"{path} was written by {writer}.py" in err and f"{script}.py" in err
+
+
+# ----------------------------------------------------------------------------- one run per directory
+
+def test_a_run_directory_is_never_reused_silently(tmp_path):
+    """A second fresh start in a directory that holds a run stops in one line; --resume and --overwrite work."""
+    args = RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r", "--epochs", "1"]
+    assert cli(args).returncode == 0
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    again = cli(args)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [again.stderr.strip()]
+    assert "already holds a run" in again.stderr and "--resume" in again.stderr and "--overwrite" in again.stderr
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics  # untouched
+    assert (tmp_path / "r" / "summary.json").exists()
+    resumed = cli(args + ["--resume"])
+    assert resumed.returncode == 0 and "nothing to do" in resumed.stdout
+    overwritten = cli(args + ["--overwrite"])
+    assert overwritten.returncode == 0, overwritten.stderr[-2000:]
+
+
+def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
+    from utils.run_files import lock_run_dir, unlock_run_dir
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    lock_run_dir(str(run_dir))  # this test process plays the run that is training there
+    try:
+        out = cli(RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r"])
+    finally:
+        unlock_run_dir(str(run_dir))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"is in use by process {os.getpid()}" in out.stderr.strip()
+
+
+# ----------------------------------------------------------------------------- kills between the writes
+
+class Killed(BaseException):
+    """Stands for a kill -9 (BaseException: nothing catches it on the way out)."""
+
+
+def _die_after(monkeypatch, moment):
+    """Make the first file write (a checkpoint, a metrics line, the summary) that follows a save for which
+    ``moment(loop, path)`` holds raise Killed: a kill -9 right after that save."""
+    import utils.loop
+    import utils.run_files
+
+    armed = []
+    real_save = utils.loop.RunLoop.save
+
+    def save(self, path=None, for_best=False):
+        if armed:
+            raise Killed
+        real_save(self, path, for_best)
+        if moment(self, path):
+            armed.append(True)
+
+    def killed_if_armed(real):
+        def write(self, *args):
+            if armed:
+                raise Killed
+            return real(self, *args)
+        return write
+
+    monkeypatch.setattr(utils.loop.RunLoop, "save", save)
+    for name in ("log_epoch", "write_summary"):
+        monkeypatch.setattr(utils.run_files.RunLogger, name, killed_if_armed(getattr(utils.run_files.RunLogger, name)))
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("moment", ["after the first epoch's latest checkpoint", "after the finished checkpoint"])
+def test_a_kill_between_the_writes_of_an_epoch_end_is_completed_by_resume(tmp_path, monkeypatch, moment):
+    """Whatever write a kill interrupts, --resume ends with one metrics record per epoch, the summary, and
+    best.pth.tar at the summary's best epoch (the original order -- latest checkpoint, then best and metrics;
+    finished checkpoint, then summary -- lost the epoch's record, or the summary for good)."""
+    args = RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r"]
+    if moment.startswith("after the first"):
+        _die_after(monkeypatch, lambda loop, path: path is None and loop.state.step == 0 and loop.state.epoch == 1)
+    else:
+        _die_after(monkeypatch, lambda loop, path: path is None and loop.state.finished)
+    try:
+        main_cifar.main(args)
+    except Killed:
+        pass
+    monkeypatch.undo()
+    run_dir = tmp_path / "r"
+    assert main_cifar.main(args + ["--resume"]) == 0
+    records = _records(run_dir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_acc"] == max(r["best_single_top1"] for r in records)
+    best = load_checkpoint(str(run_dir / "best.pth.tar"))
+    assert best["best_epoch"] == summary["best_epoch"] and best["epoch"] == summary["best_epoch"]
+    assert final_state(str(run_dir))["epoch"] == 2
