@@ -6,6 +6,7 @@
 # Environment: DATA, GPU_IDS, PORT, SEEDS as in train_moco_mcl.sh; EPOCH_FILE
 # (default checkpoint_0199.pth.tar, the last epoch of a 200-epoch pre-training).
 # Extra arguments are passed to every run.
+# Every run is started with --resume: running the script again continues unfinished runs and skips finished ones.
 source "$(dirname "$0")/_moco_env.sh"
 NET_INDEX=${NET_INDEX:-0}
 EPOCH_FILE=${EPOCH_FILE:-checkpoint_0199.pth.tar}
@@ -18,7 +19,7 @@ for seed in $SEEDS; do
                 --pretrained "$run/$EPOCH_FILE" --net-index "$i" \
                 --dist-url "tcp://localhost:$PORT" --multiprocessing-distributed --world-size 1 --rank 0 \
                 --gpu-ids "$GPU_IDS" --seed "$seed" \
-                --checkpoint ./checkpoint --run-name "lincls_resnet18_n${n}_seed${seed}_net$i" "$@"
+                --checkpoint ./checkpoint --run-name "lincls_resnet18_n${n}_seed${seed}_net$i" --resume "$@"
         done
     done
 done
