@@ -262,13 +262,13 @@ def prepare_run_dir(path: str, flag: str = "--checkpoint") -> None:
               f"{', '.join(removed)}", flush=True)
 
 
-def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan, trainer: Any) -> str:
+def start_description(cohort: nn.Module, input_size: int, ctx: Any, run_dir: str, plan: RunPlan,
+                      trainer: RunLoop) -> str:
     """The start of the line a run prints first: cohort, size, where, resume point."""
     n_params, desc = cohort_description(cohort)
     madds = count_multiply_adds(cohort.eval(), (1, 3, input_size, input_size)) / 1e9
     where = f"{ctx.world_size} processes" if ctx.distributed else str(ctx.device)
-    start = (f"resuming {plan.resume_path} at epoch {trainer.state.epoch + 1} step {trainer.state.step}"
-             if plan.ckpt is not None else "starting")
+    start = trainer.start_point(plan.resume_path if plan.ckpt is not None else None)
     return (f"{desc}: {n_params / 1e6:.2f}M parameters, {madds:.2f}G multiply-adds per {input_size}px image; "
             f"{where}; run directory {run_dir}; {start}")
 
