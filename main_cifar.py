@@ -101,7 +101,8 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_supervised(parse_args(argv), SupervisedEntry(SCRIPT, build_parser, train, evaluate_checkpoint))
+    return run_supervised(parse_args(argv), SupervisedEntry(SCRIPT, build_parser, train, evaluate_checkpoint),
+                          argv)
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:

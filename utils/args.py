@@ -59,7 +59,9 @@ def add_original_training_args(
     g.add_argument("--num-workers", type=int, default=num_workers,
                    help="DataLoader worker processes (per process)")
     g.add_argument("--gpu-id", type=str, default=None,
-                   help="sets CUDA_VISIBLE_DEVICES (the original's default was 0; unset leaves it alone)")
+                   help="sets CUDA_VISIBLE_DEVICES (ids index an already-set CUDA_VISIBLE_DEVICES; the original's "
+                        "default was 0; unset leaves it alone); several GPUs need one process each: torchrun "
+                        "--nproc_per_node=N")
     g.add_argument("--manual_seed", "--seed", type=int, default=0, help="random seed")
     g.add_argument("--resume", "-r", nargs="?", const="auto", default=None, metavar="PATH|auto",
                    help="resume: alone or 'auto' continues the run directory's latest checkpoint "
@@ -113,6 +115,10 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
     g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
     add_precision_args(g)
     g.add_argument("--fast", action="store_true", help=fast_help)
+    g.add_argument("--dist-timeout", type=float, default=du.DEFAULT_TIMEOUT_MINUTES, metavar="MINUTES",
+                   help="how long a process waits for the others in a collective (set-up, all-reduce, barrier) "
+                        "before the run fails; must exceed the longest work one rank does alone, e.g. writing "
+                        "a checkpoint")
     g.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
     g.add_argument("--deterministic", action="store_true",
@@ -163,17 +169,22 @@ def add_loop_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, sc
 
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """The original's process-group flags."""
-    parser.add_argument("--world-size", default=-1, type=int, help="number of nodes for distributed training")
-    parser.add_argument("--rank", default=-1, type=int, help="node rank for distributed training")
-    parser.add_argument("--dist-url", default="tcp://224.66.41.62:23456", type=str,
-                        help="url used to set up distributed training")
+    parser.add_argument("--world-size", default=-1, type=int,
+                        help="number of nodes for distributed training (-1: WORLD_SIZE from the environment)")
+    parser.add_argument("--rank", default=-1, type=int,
+                        help="node rank for distributed training (-1: RANK from the environment)")
+    parser.add_argument("--dist-url", default=du.ORIGINAL_DIST_URL, type=str,
+                        help="url used to set up distributed training (env:// reads MASTER_ADDR/MASTER_PORT; the "
+                             "default placeholder becomes env:// when RANK comes from the environment, as under "
+                             "torchrun)")
     parser.add_argument("--dist-backend", default=None, type=str,
                         help="distributed backend (default: nccl on CUDA, gloo on CPU; the original: nccl)")
     parser.add_argument("--seed", default=None, type=int, help="seed for initializing training")
-    parser.add_argument("--gpu", default=None, type=int, help="GPU id to use (one process, no data parallelism)")
+    parser.add_argument("--gpu", default=None, type=int,
+                        help="GPU id to use (one process, no data parallelism; an index within CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--gpu-ids", default=None, type=str,
-                        help="GPU ids to use, e.g. 0,1,2,3 (--multiprocessing-distributed starts one process "
-                             "per id; unset: every visible GPU)")
+                        help="GPU ids to use, e.g. 0,1,2,3, indices within CUDA_VISIBLE_DEVICES "
+                             "(--multiprocessing-distributed starts one process per id; unset: every visible GPU)")
     parser.add_argument("--multiprocessing-distributed", action="store_true",
                         help="launch one process per GPU of this node (the original's way); the total "
                              "--world-size becomes nodes x processes per node")
@@ -233,7 +244,7 @@ NUMERIC_RULES: Dict[str, Rule] = {
     "tau": POSITIVE, "kd_T": POSITIVE, "moco_t": POSITIVE, "knn_t": POSITIVE, "moco_m": FRACTION, "nce_m": FRACTION,
     # seeds and process groups
     "manual_seed": SEED, "seed": SEED, "fast_seeds": SEED, "fp32_seeds": SEED,
-    "world_size": UNSET_OR_AT_LEAST_1, "rank": UNSET_OR_AT_LEAST_0,
+    "world_size": UNSET_OR_AT_LEAST_1, "rank": UNSET_OR_AT_LEAST_0, "dist_timeout": POSITIVE,
 }
 
 

@@ -8,11 +8,12 @@ Two ways to start several processes:
   :func:`setup_distributed` with explicit values.
 Backend: NCCL when the device is CUDA, gloo on CPU.
 """
+import datetime
 import gc
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,11 @@ import torch.distributed as dist
 from utils.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+# How long a collective waits for the slowest rank: well above the work rank 0 does alone
+# (checkpoint writes to slow storage); NCCL's own default, 10 minutes, is not.
+DEFAULT_TIMEOUT_MINUTES = 60.0
+# The original's --dist-url default: a placeholder (a multicast address), not a reachable one.
+ORIGINAL_DIST_URL = "tcp://224.66.41.62:23456"
 
 
 @dataclass
@@ -38,10 +44,14 @@ class DistContext:
 
 
 
-def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = None) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = None,
+                   gpu_flag: str = "--gpu-ids") -> torch.device:
     """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA is a ConfigError.
 
-    With ``gpu_ids`` ("0,2"), process ``local_rank`` uses the local_rank-th listed GPU.
+    With ``gpu_ids`` ("0,2": indices within CUDA_VISIBLE_DEVICES), process ``local_rank``
+    uses the local_rank-th listed GPU; a local rank past the end of the list is a
+    ConfigError naming ``gpu_flag`` (two processes on one GPU would fail later in NCCL).
+    Without a list, process ``local_rank`` uses GPU ``local_rank``.
     """
     if device not in DEVICES:
         raise ConfigError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
@@ -50,9 +60,13 @@ def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = No
     if not torch.cuda.is_available():
         raise ConfigError("--device cuda was requested but CUDA is not available here; use --device cpu or auto")
     ids = parse_gpu_ids(gpu_ids)
-    index = ids[local_rank] if ids and local_rank < len(ids) else local_rank
+    if ids and local_rank >= len(ids):
+        raise ConfigError(f"{gpu_flag} {gpu_ids} lists {len(ids)} GPU(s) but this is local process {local_rank} of "
+                          f"its node; list one GPU per process of the node")
+    index = ids[local_rank] if ids else local_rank
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"GPU {index} does not exist (this machine has {torch.cuda.device_count()})")
+        raise ConfigError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible here (ids are indices "
+                          f"within CUDA_VISIBLE_DEVICES)")
     return torch.device("cuda", index)
 
 
@@ -66,6 +80,66 @@ def parse_gpu_ids(gpu_ids: Optional[str]) -> List[int]:
         raise ConfigError(f"--gpu-ids {gpu_ids!r} must be a comma-separated list of integers, e.g. 0,1") from None
 
 
+def environment_int(name: str) -> Optional[int]:
+    """The integer in environment variable ``name``; None when it is unset or empty."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def fill_from_environment(world_size: int, rank: int) -> Tuple[int, int, bool]:
+    """(world size, rank, whether the rank came from the environment).
+
+    Explicit values win; one left at -1 takes WORLD_SIZE / RANK from the environment
+    (set by torchrun, or by hand for the original's ``--dist-url env://``).
+    """
+    env_world, env_rank = environment_int("WORLD_SIZE"), environment_int("RANK")
+    if world_size == -1 and env_world is not None:
+        world_size = env_world
+    rank_from_env = rank == -1 and env_rank is not None
+    if rank_from_env:
+        rank = env_rank
+    return world_size, rank, rank_from_env
+
+
+def would_use_cuda(device: str) -> bool:
+    return device != "cpu" and torch.cuda.is_available()
+
+
+def launcher_local_rank(device: str, gpu_ids: Optional[str], rank_from_env: bool) -> int:
+    """This process's index on its node when the flags do not give it.
+
+    LOCAL_RANK when the launcher sets it (torchrun does). Otherwise 0 where that is
+    unambiguous: ranks given by flags (the original's one process per node),
+    LOCAL_WORLD_SIZE=1, or at most one GPU to choose from. A launcher that sets RANK
+    but not LOCAL_RANK while several GPUs are visible is a ConfigError: every rank
+    would take GPU 0.
+    """
+    local = environment_int("LOCAL_RANK")
+    if local is not None:
+        return local
+    if not rank_from_env or environment_int("LOCAL_WORLD_SIZE") == 1 or not would_use_cuda(device):
+        return 0
+    choices = len(parse_gpu_ids(gpu_ids)) if gpu_ids else torch.cuda.device_count()
+    if choices > 1:
+        raise ConfigError(f"RANK and WORLD_SIZE are set but LOCAL_RANK is not, and {choices} GPUs are visible: "
+                          f"which one this process uses is unknown; start the processes with torchrun (it sets "
+                          f"LOCAL_RANK), set LOCAL_RANK (or LOCAL_WORLD_SIZE=1), or give each process one GPU "
+                          f"through CUDA_VISIBLE_DEVICES")
+    return 0
+
+
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device, so that nothing (pinned-memory threads,
+    NCCL, cuDNN handles) opens a context on GPU 0 by default."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def setup_distributed(
     device: str = "auto",
     gpu_ids: Optional[str] = None,
@@ -74,31 +148,38 @@ def setup_distributed(
     world_size: int = -1,
     rank: int = -1,
     local_rank: Optional[int] = None,
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+    gpu_flag: str = "--gpu-ids",
 ) -> DistContext:
     """Join the process group if there is one and pick this process's device.
 
-    Without torchrun variables and with ``world_size`` <= 1 this is a single process.
+    ``world_size`` / ``rank`` left at -1 come from WORLD_SIZE / RANK (torchrun);
+    ``local_rank`` None from LOCAL_RANK (see :func:`launcher_local_rank`). A world
+    size of at most 1 is a single process. ``dist_url`` None means ``env://``.
+    Collectives wait ``timeout_minutes`` for the slowest rank before failing.
     """
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if env_world > 1 and "RANK" in os.environ:  # torchrun
-        world_size, rank = env_world, int(os.environ["RANK"])
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        init_method = "env://"
-    else:
-        init_method = dist_url
-        local_rank = rank if local_rank is None else local_rank
-    if world_size is None or world_size <= 1:
-        return DistContext(device=resolve_device(device, 0, gpu_ids))
-    dev = resolve_device(device, max(local_rank or 0, 0), gpu_ids)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    world_size, rank, rank_from_env = fill_from_environment(world_size, rank)
+    if world_size <= 1:
+        dev = resolve_device(device, 0, gpu_ids, gpu_flag)
+        use_device(dev)
+        return DistContext(device=dev)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"a process group of {world_size} needs this process's rank in 0..{world_size - 1} "
+                          f"(got {rank}): pass --rank or set RANK")
+    if local_rank is None:
+        local_rank = launcher_local_rank(device, gpu_ids, rank_from_env)
+    dev = resolve_device(device, local_rank, gpu_ids, gpu_flag)
+    use_device(dev)
     backend = dist_backend or ("nccl" if dev.type == "cuda" else "gloo")
     if backend == "nccl" and dev.type != "cuda":
         raise ConfigError("--dist-backend nccl needs CUDA; use gloo on CPU")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size, rank=rank)
-    return DistContext(rank=rank, world_size=world_size, local_rank=max(local_rank or 0, 0), device=dev, distributed=True)
-
+        options: Dict[str, Any] = {}
+        if backend == "nccl":  # NCCL never has to guess this process's GPU
+            options["device_id"] = dev
+        dist.init_process_group(backend=backend, init_method=dist_url or "env://", world_size=world_size,
+                                rank=rank, timeout=datetime.timedelta(minutes=timeout_minutes), **options)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, distributed=True)
 
 
 def cleanup(wait_for_all: bool = False, error: Optional[BaseException] = None) -> None:
@@ -116,7 +197,7 @@ def cleanup(wait_for_all: bool = False, error: Optional[BaseException] = None) -
             traceback.clear_frames(error.__traceback__)
         gc.collect()
         if wait_for_all:
-            dist.barrier()
+            barrier()
         dist.destroy_process_group()
 
 
@@ -137,8 +218,12 @@ def world_size() -> int:
 
 
 def barrier() -> None:
+    """Wait for every rank; under NCCL on this process's GPU (named, so NCCL does not guess)."""
     if world_size() > 1:
-        dist.barrier()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -18,7 +18,7 @@ BOOKKEEPING_KEYS = frozenset({
     "resume", "resume_checkpoint", "evaluate", "evaluate_checkpoint", "start_epoch",
     "data", "data_dir", "download", "num_workers", "workers",
     "device", "gpu_id", "gpu_ids", "gpu", "multiprocessing_distributed",
-    "dist_url", "dist_backend", "world_size", "rank", "local_rank",
+    "dist_url", "dist_backend", "dist_timeout", "world_size", "rank", "local_rank",
     "print_freq", "log_freq", "tensorboard", "no_tensorboard", "verbose", "quiet", "script",
     "versions", "no_progress", "save_every_steps", "eval_batch_size", "world_size_total", "batch_per_process",
     # same maths, another execution path (amp, which changes numerics, is not in this list)

@@ -9,11 +9,12 @@ device, runs the script's body and leaves the group.
 """
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
 from multiprocessing import connection as mp_connection
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.multiprocessing as mp
@@ -40,24 +41,74 @@ def processes_per_node(args: argparse.Namespace) -> int:
 def setup_process(args: argparse.Namespace, local_rank: int, nprocs: int) -> du.DistContext:
     """Join the process group the flags (or torchrun) describe; pick the device.
 
-    Scripts without the original's process-group flags (main_cifar.py, main_imagenet.py)
-    join torchrun's group, or run as one process.
+    Explicit --world-size / --rank win; the environment (WORLD_SIZE, RANK, LOCAL_RANK)
+    fills what they leave at -1. Scripts without the original's process-group flags
+    (main_cifar.py, main_imagenet.py) join torchrun's group, or run as one process.
     """
+    timeout = getattr(args, "dist_timeout", du.DEFAULT_TIMEOUT_MINUTES)
     if not hasattr(args, "dist_url"):
-        return du.setup_distributed(device=args.device)
+        return du.setup_distributed(device=args.device, timeout_minutes=timeout)
     if args.multiprocessing_distributed:
-        nodes = max(args.world_size, 1)
-        node_rank = max(args.rank, 0)
-        return du.setup_distributed(args.device, args.gpu_ids, args.dist_backend, args.dist_url,
-                                    world_size=nodes * nprocs, rank=node_rank * nprocs + local_rank,
-                                    local_rank=local_rank)
-    gpu_ids = str(args.gpu) if args.gpu is not None else args.gpu_ids
-    rank = args.rank
-    if args.dist_url == "env://" and rank == -1:
-        rank = int(os.environ.get("RANK", "0"))
-    # One process per node here (torchrun's LOCAL_RANK, if any, takes precedence).
-    return du.setup_distributed(args.device, gpu_ids, args.dist_backend, args.dist_url, args.world_size, rank,
-                                local_rank=0)
+        nodes, node_rank, from_env = du.fill_from_environment(args.world_size, args.rank)
+        nodes = max(nodes, 1)
+        if nodes > 1 and node_rank == -1:
+            raise ConfigError(f"--world-size {nodes} nodes: give this node's index with --rank (or RANK)")
+        return du.setup_distributed(args.device, args.gpu_ids, args.dist_backend, group_url(args.dist_url, from_env),
+                                    world_size=nodes * nprocs, rank=max(node_rank, 0) * nprocs + local_rank,
+                                    local_rank=local_rank, timeout_minutes=timeout)
+    gpu_ids, gpu_flag = (str(args.gpu), "--gpu") if args.gpu is not None else (args.gpu_ids, "--gpu-ids")
+    world, rank, from_env = du.fill_from_environment(args.world_size, args.rank)
+    if world <= 1:
+        refuse_one_process_on_several_gpus(args)
+    # One process per node unless a launcher says otherwise (torchrun's LOCAL_RANK).
+    return du.setup_distributed(args.device, gpu_ids, args.dist_backend, group_url(args.dist_url, from_env), world,
+                                rank, local_rank=None, timeout_minutes=timeout, gpu_flag=gpu_flag)
+
+
+def group_url(dist_url: str, rank_from_env: bool) -> str:
+    """``--dist-url``; but ``env://`` when a launcher's environment gave the rank and the URL
+    is still the original's placeholder default (a multicast address nobody can reach)."""
+    return "env://" if rank_from_env and dist_url == du.ORIGINAL_DIST_URL else dist_url
+
+
+def refuse_one_process_on_several_gpus(args: argparse.Namespace) -> None:
+    """ConfigError when --gpu-ids lists several GPUs for a single process (without
+    --multiprocessing-distributed it would train on the first with the whole batch)."""
+    ids = du.parse_gpu_ids(args.gpu_ids)
+    if args.gpu is None and len(ids) > 1 and du.would_use_cuda(args.device) and torch.cuda.device_count() > 1:
+        raise ConfigError(f"--gpu-ids {args.gpu_ids} lists {len(ids)} GPUs but without --multiprocessing-distributed "
+                          f"one process trains on the first; add --multiprocessing-distributed --world-size 1 "
+                          f"--rank 0 --dist-url tcp://127.0.0.1:23456 (one process per GPU), or pick one GPU with "
+                          f"--gpu")
+
+
+def visible_devices_for(gpu_id: str) -> str:
+    """The CUDA_VISIBLE_DEVICES value for --gpu-id: the ids as given, or, when the environment
+    already limits the visible GPUs (a cluster scheduler's choice), the entries its ids index."""
+    current = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    wanted = [x.strip() for x in gpu_id.split(",") if x.strip()]
+    if not current or not all(x.isdigit() for x in wanted):
+        return gpu_id
+    missing = [x for x in wanted if int(x) >= len(current)]
+    if missing:
+        raise ConfigError(f"--gpu-id {gpu_id}: CUDA_VISIBLE_DEVICES={','.join(current)} makes {len(current)} GPU(s) "
+                          f"visible and --gpu-id indexes them (0..{len(current) - 1}), so {missing[0]} does not exist")
+    return ",".join(current[int(x)] for x in wanted)
+
+
+def refuse_data_parallel(gpu_id: Optional[str], device: str, script: str, argv: Sequence[str]) -> None:
+    """ConfigError when --gpu-id (the original's DataParallel GPUs) lists several visible GPUs
+    for one process, with the torchrun command that trains on all of them.
+
+    Call after CUDA_VISIBLE_DEVICES is set from --gpu-id; torchrun's own processes pass.
+    """
+    listed = [x for x in (gpu_id or "").split(",") if x.strip()]
+    in_group = (du.environment_int("WORLD_SIZE") or 1) > 1
+    if len(listed) < 2 or in_group or not du.would_use_cuda(device) or torch.cuda.device_count() < 2:
+        return
+    command = " ".join(shlex.quote(word) for word in ["torchrun", f"--nproc_per_node={len(listed)}", script, *argv])
+    raise ConfigError(f"--gpu-id {gpu_id} lists {len(listed)} GPUs but one process trains on one GPU (DataParallel "
+                      f"is not used here); to train on all of them (same global --batch-size), run: {command}")
 
 
 def processes_on_this_node(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
@@ -66,7 +117,11 @@ def processes_on_this_node(args: argparse.Namespace, ctx: du.DistContext, nprocs
         return 1
     if args.multiprocessing_distributed:
         return nprocs
-    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+    local_world = du.environment_int("LOCAL_WORLD_SIZE")
+    if local_world is not None:
+        return local_world
+    # --world-size given without --multiprocessing-distributed: the original's one process per node
+    return 1 if getattr(args, "world_size", -1) != -1 else ctx.world_size
 
 
 def limit_cpu_threads(ctx: du.DistContext, node_procs: int) -> None:

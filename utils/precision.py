@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from utils.errors import UserError
+from utils.errors import ConfigError, UserError
 
 AMP_MODES = ("none", "bf16", "fp16")
 
@@ -28,10 +28,24 @@ class Precision:
 
 
 def validate_precision(amp: str, device: torch.device) -> None:
+    """UserError for an --amp mode that ``device`` cannot run (well)."""
     if amp not in AMP_MODES:
         raise UserError(f"--amp {amp!r} is not one of {', '.join(AMP_MODES)}")
     if amp == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs CUDA (its gradient scaler is CUDA-only here); use --amp bf16 on CPU")
+    if amp == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"--amp bf16 (also set by --fast) needs a GPU with native bfloat16 (compute capability "
+                          f"8.0 or higher); {torch.cuda.get_device_name(device)} ({major}.{minor}) would emulate it "
+                          f"slowly or fail: use --amp fp16 (with --fast: --fast --amp fp16)")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether CUDA ``device`` computes in bfloat16 natively (Ampere, compute capability 8.0, or newer;
+    ROCm GPUs do). Older GPUs emulate it, many times slower, or lack bf16 kernels (cuDNN convolutions)."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def make_grad_scaler(amp: str) -> Optional["torch.amp.GradScaler"]:

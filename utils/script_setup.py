@@ -1,8 +1,9 @@
 """Set-up shared by the supervised entry scripts: checks, run directory, resume, optimizer."""
 import argparse
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from models.cohort import parse_arch_names, resolve_topology
 from utils.checkpoint import (best_checkpoint_path, check_compatible, flag_of_field, latest_checkpoint_path,
                               load_checkpoint, remove_stale_temporaries, seed_everything)
 from utils.errors import CheckpointError, ConfigError
-from utils.launch import launch, run_in_group
+from utils.launch import launch, refuse_data_parallel, run_in_group, visible_devices_for
 from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
 from utils.precision import Precision, validate_precision
 from utils.run_files import check_run_dir_free, ensure_writable_dir, lock_run_dir
@@ -65,7 +66,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "start_epoch",  # raise --epochs to train longer
     "data", "data_path", "checkpoint", "checkpoint_dir", "run_name", "knn_data", "resume", "resume_checkpoint",
     "evaluate", "evaluate_checkpoint", "overwrite",  # paths and what to do
-    "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "world_size", "rank",
+    "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "dist_timeout", "world_size", "rank",
     "multiprocessing_distributed", "num_workers", "workers", "threads", "deterministic",  # where it runs
     "amp", "fast", "channels_last",  # precision and memory layout
     "no_progress", "print_freq", "save_every_steps", "max_train_batches", "max_eval_batches", "eval_batch_size",
@@ -308,8 +309,14 @@ class SupervisedEntry:
         return self.train(args, ctx, plan)
 
 
-def run_supervised(args: Any, entry: SupervisedEntry) -> int:
-    """--gpu-id (the original's CUDA_VISIBLE_DEVICES), then ``entry`` in every process."""
+def run_supervised(args: Any, entry: SupervisedEntry, argv: Optional[Sequence[str]] = None) -> int:
+    """--gpu-id (the original's CUDA_VISIBLE_DEVICES, indexing the one already set), then ``entry``
+    in every process.
+
+    ``argv`` (default: this process's) is the command line, repeated in the torchrun
+    command that the error for several --gpu-id GPUs in one process suggests.
+    """
     if args.gpu_id is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu_id
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_devices_for(args.gpu_id)
+    refuse_data_parallel(args.gpu_id, args.device, f"{entry.script}.py", sys.argv[1:] if argv is None else argv)
     return launch(run_in_group(entry), args)

@@ -4,15 +4,25 @@ The backbones run in the autocast precision (bfloat16 here, on CPU); everything 
 projection head on must be float32, because the similarity logits are divided by a small
 temperature (0.1, 0.07) where bfloat16 rounding would blur the contrastive distributions.
 """
+import os
+import re
+
+import pytest
 import torch
 import torch.nn as nn
+
+import main_cifar
 
 from losses.mcl import ProjectionHead, build_projection_heads, similarity_blocks, sup_mcl_losses
 from losses.memory import memory_mcl_losses
 from losses.moco import all_pair_logits, moco_mcl_losses
 from models.cohort import build_cohort
 from models.moco import Float32Linear, Float32Sequential, MoCoMCL, build_encoder, float32_linear
+from tests import ROOT
+from tests.fake_cuda import fake_gpus
 from utils.contrast import MemoryContrast
+from utils.errors import ConfigError, UserError
+from utils.precision import validate_precision
 from utils.supervised import CohortWithHeads
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
@@ -87,3 +97,43 @@ def test_float32_linear_keeps_the_weights_and_draws_no_random_numbers():
     converted = float32_linear(linear)
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(converted.weight, linear.weight) and torch.equal(converted.bias, linear.bias)
+
+
+@pytest.mark.parametrize("capability,native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_on_a_gpu_without_native_bf16_stops_and_suggests_fp16(monkeypatch, capability, native):
+    fake_gpus(monkeypatch, count=1, capability=capability)
+    gpu = torch.device("cuda", 0)
+    validate_precision("fp16", gpu)
+    validate_precision("none", gpu)
+    if native:
+        validate_precision("bf16", gpu)
+        return
+    with pytest.raises(ConfigError, match=rf"native bfloat16 .*Fake GPU \({capability[0]}\.{capability[1]}\).*"
+                                          r"use --amp fp16 \(with --fast: --fast --amp fp16\)"):
+        validate_precision("bf16", gpu)
+
+
+def test_bf16_is_fine_on_cpu_and_rocm(monkeypatch):
+    fake_gpus(monkeypatch, count=1, capability=(7, 0))
+    validate_precision("bf16", torch.device("cpu"))
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    validate_precision("bf16", torch.device("cuda", 0))
+    with pytest.raises(UserError, match="--amp fp16 needs CUDA"):
+        validate_precision("fp16", torch.device("cpu"))
+
+
+def test_fast_on_a_pre_ampere_gpu_stops_before_training(monkeypatch, tmp_path):
+    fake_gpus(monkeypatch, count=1, capability=(7, 0))
+    with pytest.raises(ConfigError, match="use --amp fp16"):
+        main_cifar.main(["--fast", "--device", "cuda", "--dataset", "synthetic", "--checkpoint-dir", str(tmp_path)])
+    assert not os.listdir(tmp_path)
+
+
+def test_the_torch_floor_has_every_api_the_precision_and_process_group_code_calls():
+    """torch.amp.GradScaler("cuda") and init_process_group(device_id=) need 2.3, nn.Module.set_submodule 2.5;
+    requirements.txt (which setup.py reads) and the README state the same floor."""
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        floor = re.search(r"^torch>=([0-9.]+)$", f.read(), flags=re.M).group(1)
+    assert tuple(int(x) for x in floor.split(".")) >= (2, 5)
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"torch ≥ {floor} is needed" in f.read()
