@@ -181,9 +181,9 @@ class LMCLCohort(nn.Module):
 def build_lmcl_cohort(arch: str, number_net: int, num_classes: int) -> LMCLCohort:
     """``number_net`` L-MCL networks; ``arch`` is one name (repeated) or ``number_net``
     comma-separated names (a heterogeneous cohort). CohortError on bad requests."""
+    for name in arch.split(","):
+        get_plan(name.strip())  # names the L-MCL architectures when one is not
     names = parse_arch_names(arch, number_net)
-    for name in names:
-        get_plan(name)
     return LMCLCohort([LMCLNetwork(name, num_classes) for name in names])
 
 
