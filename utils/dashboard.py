@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import shutil
+import uuid
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -315,7 +316,8 @@ class WandbBoard:
         self.project, self.run_dir = project, run_dir
         self._run: Any = None
 
-    def _run_id(self, wandb: Any, fresh: bool) -> str:
+    def _run_id(self, fresh: bool) -> str:
+        """The run directory's W&B id (a new one for a fresh start), kept in ``wandb.json``."""
         path = os.path.join(self.run_dir, WANDB_ID_FILE)
         if not fresh and os.path.exists(path):
             try:
@@ -323,7 +325,7 @@ class WandbBoard:
                     return str(json.load(f)["id"])
             except (OSError, ValueError, KeyError):
                 pass
-        run_id = wandb.util.generate_id()
+        run_id = uuid.uuid4().hex[:12]
         with open(path, "w") as f:
             json.dump({"id": run_id, "project": self.project}, f)
         return run_id
@@ -331,10 +333,11 @@ class WandbBoard:
     def begin(self, config: Mapping[str, Any], fresh: bool) -> None:
         """Start (or, for a resumed run, continue) the W&B run; ConfigError in one line when it cannot start."""
         wandb = require_wandb()
+        run_id = self._run_id(fresh)
         try:
             self._run = wandb.init(
                 project=self.project, name=os.path.basename(os.path.normpath(self.run_dir)),
-                id=self._run_id(wandb, fresh), resume="allow", dir=os.environ.get("WANDB_DIR") or self.run_dir,
+                id=run_id, resume="allow", dir=os.environ.get("WANDB_DIR") or self.run_dir,
                 config=flat_config(config), allow_val_change=True, settings=wandb.Settings(console="off"))
         except Exception as err:  # wandb raises many kinds (no login, no network, ...): say which, in one line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
