@@ -129,8 +129,9 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                         "and metrics (without it, such a directory needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=save_every_steps,
                    help="also write the latest checkpoint every N training steps (0 = only at epoch ends)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stdout is "
-                                                               "not a terminal)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: training, evaluation, the kNN monitor, listing image folders (they are "
+                        "off anyway when stdout is not a terminal)")
     g.add_argument("--max-train-batches", type=int, default=0,
                    help="cap on training batches per epoch (0 = no cap; for smoke runs)")
     g.add_argument("--max-eval-batches", type=int, default=0,
