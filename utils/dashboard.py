@@ -39,6 +39,7 @@ IMAGES_TAG = "train/augmented_images"
 CONFIG_TAG = "config"
 LOSS_NAMES = {"loss": "total", "loss_cls": "cls", "loss_kd": "kd"}
 FINAL_GROUPS = ("test", "knn", "best")  # the groups whose last values compare finished runs
+FINAL_TAGS = ("train/loss/total",)  # and these (all MoCo pre-training has without --knn-data)
 WANDB_ID_FILE = "wandb.json"
 
 
@@ -107,8 +108,9 @@ def step_scalars(terms: Mapping[str, float], lr: float) -> Dict[str, float]:
 
 
 def final_scalars(scalars: Mapping[str, float]) -> Dict[str, float]:
-    """The last epoch's values that compare finished runs: the ``test/``, ``knn/`` and ``best/`` groups."""
-    return {k: v for k, v in scalars.items() if k.split("/")[0] in FINAL_GROUPS}
+    """The last epoch's values that compare finished runs: the ``test/``, ``knn/`` and ``best/`` groups and the
+    training loss."""
+    return {k: v for k, v in scalars.items() if k.split("/")[0] in FINAL_GROUPS or k in FINAL_TAGS}
 
 
 # ----------------------------------------------------------------------------- configuration
