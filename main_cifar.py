@@ -97,7 +97,8 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
                                    world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
                                    channels_last=args.channels_last)
     return evaluate_saved_cohort(ckpt, path, test, ctx.device, Precision(args.amp, args.channels_last),
-                                 args.max_eval_batches, f"{args.dataset} test images", ctx.is_main)
+                                 args.max_eval_batches, f"{args.dataset} test images", ctx.is_main,
+                                 progress=not args.no_progress)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -116,7 +117,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
         world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
         channels_last=args.channels_last)
 
-    logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
     config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}

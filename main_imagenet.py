@@ -104,7 +104,8 @@ def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but {args.data}/val has "
                           f"{len(classes)}")
     return evaluate_saved_cohort(ckpt, path, val, ctx.device, Precision(args.amp, args.channels_last),
-                                 args.max_eval_batches, f"validation images of {args.data}", ctx.is_main)
+                                 args.max_eval_batches, f"validation images of {args.data}", ctx.is_main,
+                                 progress=not args.no_progress)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -117,7 +118,8 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     train_data, info = build_train_data(
         args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,
         neg_k=args.neg_k if objective.uses_contrast else 0, seed=args.manual_seed, rank=ctx.rank,
-        world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device)
+        world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device,
+        progress=not args.no_progress and ctx.is_main)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
     val_data, val_classes = build_val_loader(args.data, image_size=args.image_size, batch_size=eval_bs,
                                              rank=ctx.rank, world_size=ctx.world_size,
@@ -135,7 +137,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
         contrast = MemoryContrast(args.number_net, info.n_data, args.feat_dim, args.tau, args.kd_T, args.nce_m,
                                   seed=args.manual_seed).to(ctx.device)
 
-    logger = RunLogger(plan.run_dir, enabled=ctx.is_main)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
     config = run_config(args, plan.topology, info, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": info.num_classes}

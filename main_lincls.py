@@ -77,7 +77,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 # ============================================================================ set-up
 
 def build_loaders(args, ctx, batch: int, workers: int, seed: int):
-    train_set = image_folder(args.data, "train", linear_train_transform(args.image_size))
+    train_set = image_folder(args.data, "train", linear_train_transform(args.image_size),
+                             progress=not args.no_progress and ctx.is_main)
     val_set = image_folder(args.data, "val", center_crop_transform(args.image_size))
     if train_set.classes != val_set.classes:
         raise ConfigError(f"{args.data}/train and {args.data}/val have different class folders")
@@ -139,14 +140,14 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     params = freeze_all_but_fc(model)
     ddp_model = wrap_ddp(model, ctx)
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    logger = RunLogger(run_dir, enabled=ctx.is_main and not args.evaluate)
+    logger = RunLogger(run_dir, enabled=ctx.is_main and not args.evaluate, wandb_project=args.wandb)
     config = dict(vars(args), script=SCRIPT, arch=arch, num_classes=num_classes,
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     meta = {"script": SCRIPT, "config": config, "arch": arch, "number_net": 1,
             "topology": "independent", "num_classes": num_classes, "net_index": args.net_index}
     precision = Precision(args.amp, args.channels_last)
     method = LinearMethod(model, ddp_model, val_loader, reference, ctx, precision, args.max_eval_batches,
-                          {"net_index": args.net_index, "pretrained": args.pretrained})
+                          {"net_index": args.net_index, "pretrained": args.pretrained}, progress=not args.no_progress)
     runner = RunLoop(method, optimizer, train_loader, ctx, LoopConfig.from_flags(args), precision, logger, run_dir, meta,
                      sampler_seed=seed)
     runner.state.epoch = args.start_epoch
@@ -155,7 +156,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
         if not args.pretrained:  # random backbone: the reference is the one the run has trained with
             method.reference = frozen_snapshot(model)
     if args.evaluate:
-        result = evaluate(model, val_loader, ctx, args.max_eval_batches, precision)
+        result = evaluate(model, val_loader, ctx, args.max_eval_batches, precision, not args.no_progress)
         if ctx.is_main:
             print(f" * Acc@1 {result['top1'][0]:.3f} Acc@5 {result['top5'][0]:.3f} ({arch}, {what})")
         return 0

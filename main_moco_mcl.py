@@ -92,7 +92,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
 
 def build_train_loader(args: argparse.Namespace, ctx: du.DistContext, batch: int, workers: int,
                        sampler_seed: int) -> SamplerControlledLoader:
-    dataset = image_folder(args.data, "train", TwoCropsTransform(moco_augmentation(args.aug_plus, args.image_size)))
+    dataset = image_folder(args.data, "train", TwoCropsTransform(moco_augmentation(args.aug_plus, args.image_size)),
+                           progress=not args.no_progress and ctx.is_main)
     global_batch = batch * ctx.world_size
     if len(dataset) < global_batch:
         raise ConfigError(f"{args.data}/train has {len(dataset)} images, fewer than one global batch "
@@ -173,7 +174,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     sampler_seed = sampler_seed_for(args.seed, ckpt)
     train_data = build_train_loader(args, ctx, batch, workers, sampler_seed)
     knn = build_knn_loaders(args, batch, workers) if args.knn_data and ctx.is_main else None
-    logger = RunLogger(run_dir, enabled=ctx.is_main)
+    logger = RunLogger(run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
     config = run_config(args, ctx, batch)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": "independent", "num_classes": args.moco_dim}

@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision import datasets
 
 from utils.errors import DatasetError
+from utils.progress import progress
 
 BAD_IMAGE_FRACTION = 0.01
 BAD_IMAGE_GRACE = 10
@@ -53,7 +54,10 @@ class TolerantImageFolder(datasets.ImageFolder):
     ``class_count`` (C,) in sorted positions (identity maps for ImageFolder's own order).
     """
 
-    def __init__(self, root: str, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, root: str, *args: Any, progress: bool = False, **kwargs: Any) -> None:
+        """``progress``: a bar over the class folders while they are listed (on a terminal; ImageNet's
+        1.28M files take minutes)."""
+        self.index_progress = progress
         super().__init__(root, *args, **kwargs)
         self.labels = np.asarray(self.targets, dtype=np.int64)
         self.sorted_to_index = np.argsort(self.labels, kind="stable")
@@ -62,6 +66,17 @@ class TolerantImageFolder(datasets.ImageFolder):
         self.class_start, self.class_count = class_ranges(self.labels, len(self.classes))
         self.named = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self.counts = torch.zeros(2, dtype=torch.int64).share_memory_()  # (images read, replaced)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        """ImageFolder's listing, one class folder at a time (for the progress bar); the same samples."""
+        if not getattr(self, "index_progress", False):
+            return super().make_dataset(directory, class_to_idx, extensions, is_valid_file, allow_empty)
+        samples: list[tuple[str, int]] = []
+        for name in progress(sorted(class_to_idx), len(class_to_idx), f"indexing {directory}"):
+            samples += super().make_dataset(directory, {name: class_to_idx[name]}, extensions, is_valid_file,
+                                            allow_empty)
+        return samples
 
     @property
     def skipped(self) -> int:

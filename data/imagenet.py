@@ -147,9 +147,10 @@ class ImageFolderWithContrastIndices(TolerantImageFolder):
         seed: int = 0,
         target_transform: Callable[[int], Any] | None = None,
         deterministic_transform: bool = True,
+        progress: bool = False,
     ) -> None:
         check_image_folder(root, "image folder")
-        super().__init__(root, transform=transform, target_transform=target_transform)
+        super().__init__(root, transform=transform, target_transform=target_transform, progress=progress)
         self.pos_k = int(pos_k)
         self.neg_k = int(neg_k)
         self.seed = int(seed)

@@ -80,11 +80,13 @@ class TrainSetInfo:
 
 
 def build_train_data(root: str, *, image_size: int, batch_size: int, pos_k: int, neg_k: int, seed: int,
-                     rank: int, world_size: int, num_workers: int, device: torch.device
+                     rank: int, world_size: int, num_workers: int, device: torch.device, progress: bool = False
                      ) -> Tuple[ImageNetTrainData, TrainSetInfo]:
-    """The training loader over ``root/train`` and a description of the set."""
+    """The training loader over ``root/train`` and a description of the set (``progress``: a bar while the
+    class folders are listed)."""
     dataset = open_folder(ImageFolderWithContrastIndices, split_dir(root, "train"),
-                          transform=imagenet_train_transform(image_size), pos_k=pos_k, neg_k=neg_k, seed=seed)
+                          transform=imagenet_train_transform(image_size), pos_k=pos_k, neg_k=neg_k, seed=seed,
+                          progress=progress)
     sampler = EpochShuffleBatchSampler(len(dataset), batch_size, seed, rank, world_size)
     info = TrainSetInfo(n_data=len(dataset), num_classes=len(dataset.classes), classes=list(dataset.classes),
                         class_counts=[int(c) for c in dataset.class_count])

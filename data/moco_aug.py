@@ -94,9 +94,9 @@ def center_crop_transform(image_size: int = 224, resize_ratio: float = 256 / 224
 
 # ----------------------------------------------------------------------------- loading
 
-def image_folder(root: str, split: str, transform: Callable) -> TolerantImageFolder:
+def image_folder(root: str, split: str, transform: Callable, progress: bool = False) -> TolerantImageFolder:
     """``root/split`` as an ImageFolder that skips unreadable images (data.image_folder); DatasetError when
-    it is missing or empty."""
+    it is missing or empty. ``progress``: a bar while the class folders are listed."""
     from utils.errors import DatasetError
 
     path = os.path.join(root, split)
@@ -105,6 +105,6 @@ def image_folder(root: str, split: str, transform: Callable) -> TolerantImageFol
             f"{path} is not a directory; --data must hold {split}/<class>/<image> folders (ImageNet layout)"
         )
     try:
-        return TolerantImageFolder(path, transform)
+        return TolerantImageFolder(path, transform, progress=progress)
     except (FileNotFoundError, RuntimeError) as err:
         raise DatasetError(f"no images found under {path} ({err}); expected {split}/<class>/<image>.JPEG") from None

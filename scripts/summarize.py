@@ -39,6 +39,10 @@ Metrics (from metrics.jsonl, summary.json only as a fallback):
          network's test top-1 (what the paper's tables and the original report)
   last   last-epoch test top-1 averaged over the networks of the cohort
   ensemble  last-epoch test top-1 of the ensemble (mean of the networks' logits)
+  nll, ece  calibration at the last evaluated epoch, averaged over the networks:
+         negative log-likelihood (nats) and expected calibration error (%, 15
+         equal-width confidence bins); lower is better
+  ensemble_nll, ensemble_ece  the same of the ensemble (softmax of the mean logits)
 
 A run directory whose files cannot be read (e.g. a damaged metrics.jsonl) is
 skipped with one line on stderr naming it; the table shows the others.
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run directories, folders holding run directories, or globs of them")
     parser.add_argument("--metric", choices=tuple(METRIC_DESCRIPTIONS), default="paper",
                         help="paper: best single network at its best epoch; "
-                             "last: last-epoch mean over networks; ensemble: last-epoch ensemble")
+                             "last: last-epoch mean over networks; ensemble: last-epoch ensemble; "
+                             "nll, ece, ensemble_nll, ensemble_ece: last-epoch calibration")
     parser.add_argument("--csv", action="store_true", help="write CSV (one line per cell) instead of markdown")
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of stdout")
     parser.add_argument("--include-unfinished", action="store_true",

@@ -34,12 +34,15 @@ def test_baseline_run_writes_the_run_directory(tmp_path):
     assert any((run / "tb").iterdir())
     rec = records(run)[0]
     assert len(rec["test"]["top1"]) == 2 and "ens_top1" in rec["test"]
+    assert len(rec["test"]["nll"]) == len(rec["test"]["ece"]) == 2 and 0 <= rec["test"]["ens_ece"] <= 100
+    assert rec["test"]["loss"] == pytest.approx(sum(rec["test"]["nll"]) / 2)
     assert rec["train"]["vcl"] == rec["train"]["icl"] == 0.0
     ckpt = load_checkpoint(str(run / "checkpoint.pth.tar"))
     assert ckpt["heads"] is None and ckpt["finished"] and ckpt["topology"] == "independent"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_acc"] == max(rec["test"]["top1"])
     assert summary["last_mean_top1"] == pytest.approx(sum(rec["test"]["top1"]) / 2)
+    assert summary["last_ens_nll"] == rec["test"]["ens_nll"] and summary["last_ece"] == rec["test"]["ece"]
 
 
 def test_mcl_x2_has_all_four_contrastive_terms(tmp_path):
@@ -67,6 +70,8 @@ def test_mixed_cohort_and_evaluate_of_the_best(tmp_path, capsys):
     assert main_cifar.main(argv) == 0
     out = capsys.readouterr().out
     assert "net 1 (wrn_16_2)" in out and "ensemble" in out
+    ensemble = next(line for line in out.splitlines() if line.strip().startswith("ensemble:"))
+    assert " NLL " in ensemble and " ECE " in ensemble
 
 
 def test_fast_path_runs(tmp_path):

@@ -47,6 +47,14 @@ def image_root(tmp_path_factory):
     return str(root)
 
 
+def _event_data(tb_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +92,11 @@ def test_pretrain_stop_resume_then_linear_evaluation(image_root, tmp_path, monke
         records = [json.loads(line) for line in f]
     assert [r["epoch"] for r in records] == [1]  # numbered from 1
     assert len(records[0]["knn"]["top1"]) == 2 and len(records[0]["train"]["top1"]) == 2
+    tb = _event_data(os.path.join(run_dir, "tb"))  # stopped after step 1, resumed: no step twice
+    assert [e.step for e in tb.Scalars("train_step/loss/total")] == [1, 2]
+    scalars = set(tb.Tags()["scalars"])
+    assert {"train/instance_top1/net0", "knn/top1/net1", "train/loss/soft_icl"} <= scalars
+    assert not any(t.startswith("train/top1") for t in scalars) and len(tb.Images("train/augmented_images")) == 1
     final = os.path.join(run_dir, "checkpoint_0000.pth.tar")
     assert os.path.exists(os.path.join(run_dir, "summary.json")) and os.path.exists(final)
     assert os.path.samefile(final, os.path.join(run_dir, "checkpoint.pth.tar"))  # a link, not a second copy

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from models.registry import registered_names
 from utils import distributed as du
+from utils.dashboard import require_wandb
 from utils.errors import ConfigError
 
 
@@ -106,6 +107,12 @@ def add_common_additions(parser: argparse.ArgumentParser,
                    help="name of the run directory under --checkpoint-dir (default: from arch, N, "
                         "weights and seed)")
     add_run_additions(g, save_every_steps=100, fast_help=fast_help)
+    g.add_argument("--print-freq", type=int, default=50, metavar="N",
+                   help="every N steps, the step's loss terms go to TensorBoard (and W&B) as train_step/...; the "
+                        "console keeps one line per epoch")
+    g.add_argument("--tb-embeddings", type=int, default=0, metavar="N",
+                   help="at the end, every network's pooled features of the first N test images (with labels and "
+                        "thumbnails) to TensorBoard's projector (0 = off)")
     return g
 
 
@@ -128,12 +135,16 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                         "and metrics (without it, such a directory needs --resume)")
     g.add_argument("--save-every-steps", type=int, default=save_every_steps,
                    help="also write the latest checkpoint every N training steps (0 = only at epoch ends)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar (it is off anyway when stdout is "
-                                                               "not a terminal)")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: training, evaluation, the kNN monitor, listing image folders (they are "
+                        "off anyway when stdout is not a terminal)")
     g.add_argument("--max-train-batches", type=int, default=0,
                    help="cap on training batches per epoch (0 = no cap; for smoke runs)")
     g.add_argument("--max-eval-batches", type=int, default=0,
                    help="cap on evaluation batches (0 = no cap; for smoke runs)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log to Weights & Biases project PROJECT, with TensorBoard's names (needs pip install "
+                        "wandb; WANDB_MODE=offline works without a network)")
 
 
 def apply_fast(args: argparse.Namespace) -> None:
@@ -162,7 +173,9 @@ def add_loop_args(parser: argparse.ArgumentParser, *, epochs: int, lr: float, sc
     parser.add_argument("--momentum", default=0.9, type=float, metavar="M", help=momentum_help)
     parser.add_argument("--wd", "--weight-decay", default=weight_decay, type=float, metavar="W",
                         help="weight decay", dest="weight_decay")
-    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N", help="print frequency (steps)")
+    parser.add_argument("-p", "--print-freq", default=10, type=int, metavar="N",
+                        help="print frequency (steps); also how often the step's loss terms go to TensorBoard (and "
+                             "W&B) as train_step/...")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                         help="resume from PATH; alone: the latest checkpoint of --checkpoint")
 
@@ -237,7 +250,7 @@ NUMERIC_RULES: Dict[str, Rule] = {
     "num_workers": AT_LEAST_0, "workers": AT_LEAST_0, "eval_batch_size": AT_LEAST_0, "threads": AT_LEAST_0,
     "save_every_steps": AT_LEAST_0, "max_train_batches": AT_LEAST_0, "max_eval_batches": AT_LEAST_0,
     "train_per_class": AT_LEAST_0, "start_epoch": AT_LEAST_0, "milestones": AT_LEAST_0, "schedule": AT_LEAST_0,
-    "warmup": AT_LEAST_0, "net_index": AT_LEAST_0, "gpu": AT_LEAST_0,
+    "warmup": AT_LEAST_0, "net_index": AT_LEAST_0, "gpu": AT_LEAST_0, "tb_embeddings": AT_LEAST_0,
     # optimisation and the losses
     "init_lr": POSITIVE, "lr": POSITIVE, "weight_decay": AT_LEAST_0, "momentum": FRACTION,
     "alpha": AT_LEAST_0, "gamma": AT_LEAST_0, "beta": AT_LEAST_0, "lam": AT_LEAST_0,
@@ -270,7 +283,10 @@ def check_numeric_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def parse_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                 overrides: Optional[Dict[str, Rule]] = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags)."""
+    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags) and --wandb's package
+    present."""
     args = parser.parse_args(argv)
     check_numeric_flags(parser, args, overrides)
+    if getattr(args, "wandb", None):
+        require_wandb()  # before any data or model is touched
     return args

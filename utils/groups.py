@@ -21,6 +21,7 @@ BOOKKEEPING_KEYS = frozenset({
     "dist_url", "dist_backend", "dist_timeout", "world_size", "rank", "local_rank",
     "print_freq", "log_freq", "tensorboard", "no_tensorboard", "verbose", "quiet", "script",
     "versions", "no_progress", "save_every_steps", "eval_batch_size", "world_size_total", "batch_per_process",
+    "wandb", "tb_embeddings",  # dashboards
     # same maths, another execution path (amp, which changes numerics, is not in this list)
     "channels_last", "data_path", "fast", "deterministic",
 })

@@ -7,14 +7,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.moco import MoCoMCL, pooled_features
+from utils.progress import progress as progress_bar
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, loader, device: torch.device,
-                     max_batches: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised pooled features (M, F) and labels (M,) of ``loader``."""
+def extract_features(encoder: nn.Module, loader, device: torch.device, max_batches: int = 0,
+                     progress: bool = False, desc: str = "kNN features") -> Tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised pooled features (M, F) and labels (M,) of ``loader`` (a bar on a terminal with ``progress``)."""
     feats, labels = [], []
-    for i, (images, targets) in enumerate(loader):
+    total = min(len(loader), max_batches) if max_batches else len(loader)
+    for i, (images, targets) in enumerate(progress_bar(loader, total, desc, progress)):
         if max_batches and i >= max_batches:
             break
         feats.append(F.normalize(pooled_features(encoder, images.to(device)).float(), dim=1).cpu())
@@ -40,15 +42,16 @@ def weighted_knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, 
     return torch.cat(preds)
 
 
-def knn_top1(model: MoCoMCL, knn, device: torch.device, max_batches: int, k: int, t: float) -> List[float]:
+def knn_top1(model: MoCoMCL, knn, device: torch.device, max_batches: int, k: int, t: float,
+             progress: bool = False) -> List[float]:
     """Weighted kNN top-1 (%) of every query encoder; ``knn`` = (train loader, val loader, classes)."""
     train_loader, val_loader, num_classes = knn
     result = []
-    for encoder in model.encoders_q:
+    for n, encoder in enumerate(model.encoders_q):
         was_training = encoder.training
         encoder.eval()
-        tr_f, tr_y = extract_features(encoder, train_loader, device, max_batches)
-        va_f, va_y = extract_features(encoder, val_loader, device, max_batches)
+        tr_f, tr_y = extract_features(encoder, train_loader, device, max_batches, progress, f"kNN net {n} train")
+        va_f, va_y = extract_features(encoder, val_loader, device, max_batches, progress, f"kNN net {n} val")
         encoder.train(was_training)
         pred = weighted_knn_predict(tr_f, tr_y, va_f, num_classes, k, t)
         result.append(100.0 * float((pred == va_y).float().mean()))

@@ -13,6 +13,7 @@ from utils import distributed as du
 from utils.method import Method, StepResult
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision
+from utils.progress import progress as progress_bar
 
 
 class FrozenWeightsChanged(RuntimeError):
@@ -68,11 +69,13 @@ def prepare_model(arch: str, state: Optional[Dict[str, torch.Tensor]], num_class
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, ctx: du.DistContext, max_batches: int = 0,
-             precision: Precision = Precision()) -> Dict[str, Any]:
-    """Top-1/top-5 (%) and mean loss over the whole val split (every rank evaluates its shard)."""
+             precision: Precision = Precision(), progress: bool = False) -> Dict[str, Any]:
+    """Top-1/top-5 (%) and mean loss over the whole val split (every rank evaluates its shard; a bar on the
+    main process's terminal with ``progress``)."""
     model.eval()
     acc, meter = AccuracyCounter(1), SumMeter()
-    for i, (images, targets) in enumerate(loader):
+    total = min(len(loader), max_batches) if max_batches else len(loader)
+    for i, (images, targets) in enumerate(progress_bar(loader, total, "evaluating", progress and ctx.is_main)):
         if max_batches and i >= max_batches:
             break
         images, targets = precision.prepare_inputs(images.to(ctx.device)), targets.to(ctx.device)
@@ -95,9 +98,11 @@ class LinearMethod(Method):
     rank_streams = True  # augmentations differ per rank, also after a resume
 
     def __init__(self, model: nn.Module, ddp_model: nn.Module, val_loader, reference: Dict[str, torch.Tensor],
-                 ctx: du.DistContext, precision: Precision, max_eval_batches: int, extra: Dict[str, Any]) -> None:
+                 ctx: du.DistContext, precision: Precision, max_eval_batches: int, extra: Dict[str, Any],
+                 progress: bool = False) -> None:
         self.model, self.ddp_model, self.val_loader, self.reference = model, ddp_model, val_loader, reference
         self.ctx, self.precision, self.max_eval_batches, self.extra = ctx, precision, max_eval_batches, extra
+        self.progress = progress
 
     def train_mode(self) -> None:
         # eval mode: linear evaluation must not touch BatchNorm statistics of the frozen backbone.
@@ -123,7 +128,7 @@ class LinearMethod(Method):
         check_frozen_unchanged(self.model, self.reference)
 
     def evaluate(self) -> Tuple[Dict[str, Any], Optional[float]]:
-        test = evaluate(self.model, self.val_loader, self.ctx, self.max_eval_batches, self.precision)
+        test = evaluate(self.model, self.val_loader, self.ctx, self.max_eval_batches, self.precision, self.progress)
         return {"test": test, "best_single_top1": test["top1"][0]}, test["top1"][0]
 
     def format_epoch(self, record: Dict[str, Any]) -> str:

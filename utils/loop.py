@@ -11,7 +11,9 @@ loop does the rest the same way for every method:
   non-finite loss check (one host synchronisation per step reads every logged value);
 - checkpoints: the latest after every epoch, every ``save_every_steps`` steps and on
   SIGTERM/SIGINT; ``best.pth.tar`` at the best epoch; exact resume at any step;
-- the run directory's metrics.jsonl, log.txt and summary.json.
+- the run directory's metrics.jsonl, log.txt and summary.json, and the dashboards (TensorBoard, W&B:
+  utils/dashboard.py): the epoch's values, the step's loss terms every ``log_freq`` steps, one grid
+  of training images, the final metrics; the epoch line ends with the whole run's ETA.
 
 Epochs are numbered from 1 wherever a person reads them: the console, metrics.jsonl's
 "epoch", summary.json's and checkpoints' "best_epoch", TensorBoard's steps and export's
@@ -25,7 +27,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -33,10 +35,12 @@ import torch.nn as nn
 from utils import distributed as du
 from utils.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_VERSION, RunDirCheckpoints, atomic_save,
                               capture_rng_state, restore_rng_state, seed_everything)
+from utils.dashboard import epoch_scalars, step_scalars
 from utils.errors import UserError
 from utils.method import Method
 from utils.metrics import AccuracyCounter, SumMeter, reduced_means
 from utils.precision import Precision, backward_and_step, make_grad_scaler
+from utils.progress import format_duration
 from utils.run_files import RunLogger, read_metrics, unlock_run_dir
 from utils.schedule import lr_at_epoch, set_lr
 from utils.stop import StopRequest, debug_signal
@@ -72,17 +76,22 @@ class LoopConfig:
     max_train_batches: int = 0  # 0 = no cap
     progress: bool = True  # a tqdm bar when stdout is a terminal
     print_freq: int = 0  # a progress line every N steps (0 = none)
+    log_freq: int = 0  # the step's loss terms to the dashboards every N steps (0 = none)
 
     @classmethod
     def from_flags(cls, args: Any) -> "LoopConfig":
         """From a script's flags: the supervised scripts' --init-lr --lr-type --milestones, or the MoCo
-        scripts' --lr --schedule (--cos where there is one) --print-freq."""
+        scripts' --lr --schedule (--cos where there is one). --print-freq: the dashboards' step values in
+        every script, console lines in the MoCo scripts only (as in the original; the supervised scripts
+        print one line per epoch)."""
         supervised = hasattr(args, "init_lr")
+        freq = getattr(args, "print_freq", 0)
         return cls(epochs=args.epochs, init_lr=args.init_lr if supervised else args.lr,
                    lr_type=args.lr_type if supervised else ("cosine" if getattr(args, "cos", False) else "multistep"),
                    milestones=args.milestones if supervised else args.schedule,
                    save_every_steps=getattr(args, "save_every_steps", 0), max_train_batches=args.max_train_batches,
-                   progress=not getattr(args, "no_progress", True), print_freq=getattr(args, "print_freq", 0))
+                   progress=not getattr(args, "no_progress", True), print_freq=0 if supervised else freq,
+                   log_freq=freq)
 
 
 @dataclass
@@ -130,6 +139,7 @@ class RunLoop(RunDirCheckpoints):
         self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
         self._debug_signal = debug_signal(ctx.rank)
+        self._epoch_costs: List[float] = []  # seconds of each epoch ended in this process (training + evaluation)
 
     # ----- checkpoints -------------------------------------------------------
     def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:
@@ -212,6 +222,8 @@ class RunLoop(RunDirCheckpoints):
         """One optimizer step on one loader batch -> (logged values, local batch size)."""
         method, s = self.method, self.state
         inputs, targets = method.to_device(raw)
+        if self._steps_this_process == 0 and self.logger.wants_sample_images:
+            self.logger.log_sample_images(method.sample_images(inputs))
         self.optimizer.zero_grad(set_to_none=True)
         out = method.forward(inputs, targets)
         values = torch.stack([out.terms[k].detach().float() for k in method.terms]).tolist()  # one sync
@@ -233,11 +245,7 @@ class RunLoop(RunDirCheckpoints):
         self.method.train_mode()
         lr = lr_at_epoch(s.epoch, cfg.init_lr, cfg.lr_type, cfg.epochs, cfg.milestones)
         set_lr(self.optimizer, lr)
-        self.train_data.set_epoch(s.epoch)
-        self.train_data.set_start_batch(s.step)
-        total = len(self.train_data) + s.step
-        if cfg.max_train_batches:
-            total = min(total, cfg.max_train_batches)
+        total = self._epoch_batches()
         bar = _progress(total, s.step, f"epoch {s.epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
         tic = time.perf_counter()
         stopped = False
@@ -248,6 +256,8 @@ class RunLoop(RunDirCheckpoints):
             s.step += 1
             self._steps_this_process += 1
             self._show_progress(bar, named, lr, total)
+            if cfg.log_freq and s.step % cfg.log_freq == 0:
+                self.logger.log_steps(step_scalars(named, lr), s.epoch * total + s.step)
             if self._debug_signal is not None and self._steps_this_process == self._debug_signal[0]:
                 os.kill(os.getpid(), self._debug_signal[1])
             stopped = self.stop.agreed(ctx.device) is not None
@@ -262,6 +272,14 @@ class RunLoop(RunDirCheckpoints):
         if bar is not None:
             bar.close()
         return not stopped
+
+    def _epoch_batches(self) -> int:
+        """Point the train data at ``state.epoch`` and ``state.step``; the epoch's number of batches."""
+        s = self.state
+        self.train_data.set_epoch(s.epoch)
+        self.train_data.set_start_batch(s.step)
+        total = len(self.train_data) + s.step
+        return min(total, self.config.max_train_batches) if self.config.max_train_batches else total
 
     def _show_progress(self, bar, named: Dict[str, float], lr: float, total: int) -> None:
         s = self.state
@@ -287,8 +305,10 @@ class RunLoop(RunDirCheckpoints):
             "epoch": s.epoch + 1, "epochs": self.config.epochs, "lr": lr, "time_s": s.elapsed,
             "images_per_s": s.images / s.elapsed if s.elapsed > 0 else 0.0,
             "train": self.method.train_record(train)}
+        tic = time.perf_counter()
         evaluation, score = self.method.evaluate()
         record.update(evaluation)
+        record["eval_s"] = time.perf_counter() - tic
         is_best = score is not None and (score > s.best_acc or s.best_epoch == 0)
         if is_best:
             s.best_acc, s.best_epoch = score, s.epoch + 1
@@ -300,15 +320,23 @@ class RunLoop(RunDirCheckpoints):
         s.elapsed, s.images = 0.0, 0
         if is_best and self.method.saves_best:
             self.save(self.best_path, for_best=True)
-        self.logger.log_epoch(record)
+        self.logger.log_epoch(record, epoch_scalars(record, self.method.train_accuracy_prefix))
         self.save()
-        self.logger.text(self.method.format_epoch(record))
+        self._epoch_costs.append(record["time_s"] + record["eval_s"])
+        self.logger.text(self.method.format_epoch(record) + self._eta(record["epoch"]))
+
+    def _eta(self, epochs_done: int) -> str:
+        """`` | ETA 1h02m`` for the epochs left of the whole run (mean cost of this process's epochs so far)."""
+        left = self.config.epochs - epochs_done
+        if left <= 0 or not self._epoch_costs:
+            return ""
+        return f" | ETA {format_duration(left * sum(self._epoch_costs) / len(self._epoch_costs))}"
 
     # ----- the run ------------------------------------------------------------
     def fit(self) -> int:
         """Train to the last epoch (or until a signal); returns the process exit code."""
         s = self.state
-        self.logger.keep_epochs_up_to(s.epoch)
+        self.logger.begin(s.epoch, s.epoch * self._epoch_batches() + s.step)
         self.logger.remove_summary()
         self.stop.install()
         try:
@@ -325,11 +353,19 @@ class RunLoop(RunDirCheckpoints):
             self.save()
             if self.ctx.is_main:
                 self.method.on_finished(self, summary)
+                self._finish_dashboards()
             return 0
         finally:
             self.stop.restore()
             self.logger.close()
             unlock_run_dir(self.run_dir)
+
+    def _finish_dashboards(self) -> None:
+        """Rank 0, a finished run: the final metrics beside the configuration, the method's extras."""
+        records = read_metrics(self.logger.metrics_path)
+        if records:
+            self.logger.log_final(epoch_scalars(records[-1], self.method.train_accuracy_prefix))
+        self.method.on_finished_dashboards(self)
 
     def _stopped(self) -> int:
         """Say where the stopped run was saved and how to resume; the exit code (130 for SIGINT)."""

@@ -38,6 +38,7 @@ class Method:
     saves_best: bool = True  # write best.pth.tar at the best epoch
     rank_streams: bool = False  # give every rank its own RNG stream after a resume (augmentations)
     lr_flag: str = "--lr"  # named by the non-finite loss message
+    train_accuracy_prefix: str = ""  # of the training accuracy's dashboard names; MoCo's: "instance_"
 
     model: nn.Module
     ddp_model: nn.Module
@@ -56,6 +57,13 @@ class Method:
         """After an epoch's training: (what the epoch record adds, e.g. {"test": ...}; the score the
         best epoch maximises, or None)."""
         return {}, None
+
+    def sample_images(self, inputs: Any) -> Optional[torch.Tensor]:
+        """Some augmented training images (K, 3, H, W) of one step's ``inputs`` for the dashboards, or None."""
+        return inputs if torch.is_tensor(inputs) else None
+
+    def on_finished_dashboards(self, loop: "RunLoop") -> None:
+        """Rank 0, at the end of a finished run: extra dashboard content (e.g. an embedding projector)."""
 
     def check(self) -> None:
         """Invariants checked after every epoch and before the end (e.g. frozen weights)."""

@@ -1,7 +1,8 @@
-"""Accuracy counting and running averages."""
-from typing import Dict, List, Optional, Sequence
+"""Accuracy counting, calibration (NLL, expected calibration error) and running averages."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from utils import distributed as du
 
@@ -109,3 +110,81 @@ def reduced_means(acc: AccuracyCounter, meter: SumMeter, keys: Sequence[str],
     record: Dict[str, object] = {k: extras[i] / count for i, k in enumerate(keys)}
     record.update(top1=top1, top5=top5)
     return record
+
+
+# ----------------------------------------------------------------------------- calibration
+
+ECE_BINS = 15  # equal-width confidence bins, the usual choice since Guo et al. (2017)
+
+
+@torch.no_grad()
+def negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Mean negative log-likelihood (nats) of ``targets`` under softmax(``logits``); (B, C), (B,)."""
+    return float(F.cross_entropy(logits.double(), targets))
+
+
+@torch.no_grad()
+def calibration_bins(logits: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> torch.Tensor:
+    """(3, bins) float64 per confidence bin: sample count, sum of confidences, number correct.
+
+    The confidence of a sample is its largest softmax probability; bin m holds
+    confidences in ((m - 1) / bins, m / bins] (numbered from 1), bin 1 also 0 itself.
+    """
+    probs = logits.double().softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    index = (confidence * bins).ceil().long().sub(1).clamp(0, bins - 1)
+    out = torch.zeros(3, bins, dtype=torch.float64, device=logits.device)
+    out[0].index_add_(0, index, torch.ones_like(confidence))
+    out[1].index_add_(0, index, confidence)
+    out[2].index_add_(0, index, predicted.eq(targets).double())
+    return out
+
+
+def ece_from_bins(stats: torch.Tensor) -> float:
+    """Expected calibration error (a fraction in [0, 1]) of :func:`calibration_bins`'s (3, bins) sums:
+    sum over bins of |accuracy - mean confidence| weighted by the bin's share of the samples."""
+    total = float(stats[0].sum())
+    if total == 0:
+        return 0.0
+    return float((stats[2] - stats[1]).abs().sum()) / total
+
+
+def expected_calibration_error(logits: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE (a fraction in [0, 1]) of softmax(``logits``) (B, C) against ``targets`` (B,) with ``bins``
+    equal-width confidence bins."""
+    return ece_from_bins(calibration_bins(logits, targets, bins))
+
+
+class CalibrationCounter:
+    """Summed NLL and confidence-bin statistics of several heads (networks, ensemble), reducible over ranks.
+
+    One float64 tensor (heads, 1 + 3 * bins): the summed NLL, then :func:`calibration_bins`'s rows.
+    """
+
+    def __init__(self, num_heads: int, bins: int = ECE_BINS) -> None:
+        self.num_heads, self.bins = num_heads, bins
+        self.sums: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def update(self, logits_list: Sequence[torch.Tensor], targets: torch.Tensor) -> None:
+        rows = []
+        for logits in logits_list:
+            nll = F.cross_entropy(logits.double(), targets, reduction="sum").reshape(1)
+            rows.append(torch.cat([nll, calibration_bins(logits, targets, self.bins).flatten()]))
+        batch = torch.stack(rows)
+        self.sums = batch if self.sums is None else self.sums + batch
+
+    def reduce(self, device: torch.device) -> Tuple[List[float], List[float]]:
+        """Sum over ranks -> (mean NLL per head, ECE (%) per head)."""
+        sums = self.sums if self.sums is not None else torch.zeros(self.num_heads, 1 + 3 * self.bins,
+                                                                  dtype=torch.float64)
+        sums = sums.to(device if device.type == "cuda" else "cpu", copy=True)  # NCCL needs CUDA tensors
+        du.all_reduce_sum(sums)
+        sums = sums.cpu()
+        nll, ece = [], []
+        for row in sums:
+            stats = row[1:].view(3, self.bins)
+            count = max(float(stats[0].sum()), 1.0)
+            nll.append(float(row[0]) / count)
+            ece.append(100.0 * ece_from_bins(stats))
+        return nll, ece

@@ -33,6 +33,7 @@ class MocoMethod(Method):
     terms = TERMS
     saves_best = False
     rank_streams = True  # augmentations differ per rank, also after a resume
+    train_accuracy_prefix = "instance_"  # picking the positive key among the queue's, not a class
 
     def __init__(self, args: argparse.Namespace, model: MoCoMCL, ddp_model, device: torch.device,
                  precision: Precision, knn) -> None:
@@ -46,6 +47,11 @@ class MocoMethod(Method):
         im_q = prepare(images[0].to(self.device, non_blocking=True))
         im_k = prepare(images[1].to(self.device, non_blocking=True))
         return (im_q, im_k), torch.zeros(im_q.size(0), dtype=torch.long, device=im_q.device)
+
+    def sample_images(self, inputs: Tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The two views of the first 16 images, side by side (query view, key view, ...)."""
+        im_q, im_k = (x[:16] for x in inputs)
+        return torch.stack([im_q, im_k], dim=1).flatten(0, 1)
 
     def forward(self, inputs: Tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor) -> StepResult:
         args = self.args
@@ -78,7 +84,7 @@ class MocoMethod(Method):
         result = None
         if self.knn is not None:
             result = knn_top1(self.model, self.knn, self.device, self.args.max_eval_batches,
-                              self.args.knn_k, self.args.knn_t)
+                              self.args.knn_k, self.args.knn_t, progress=not self.args.no_progress)
         du.barrier()
         if result is None:  # the other ranks: rank 0 alone records and saves
             return {}, None

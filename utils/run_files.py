@@ -1,4 +1,4 @@
-"""Run directory bookkeeping: config.json, metrics.jsonl, summary.json, log.txt, TensorBoard.
+"""Run directory bookkeeping: config.json, metrics.jsonl, summary.json, log.txt, the dashboards.
 
 Only the main process writes; other ranks get a logger whose methods do nothing.
 """
@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
+from utils.dashboard import (CONFIG_TAG, IMAGES_TAG, TensorBoardBoard, WandbBoard, config_markdown,
+                             epoch_scalars, final_scalars, flat_config, image_grid, thumbnails)
 from utils.errors import ConfigError
 
 RUN_FILES = ("checkpoint.pth.tar", "metrics.jsonl", "summary.json")
@@ -103,19 +105,21 @@ def read_metrics(path: str) -> List[Dict[str, Any]]:
 
 
 class RunLogger:
-    """Writes the files of one run directory (no-op when ``enabled`` is False)."""
+    """Writes the files of one run directory and its dashboards (no-op when ``enabled`` is False).
 
-    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True) -> None:
+    Files: config.json, metrics.jsonl, summary.json, log.txt. Dashboards (utils/dashboard.py):
+    TensorBoard in ``tb/`` (unless ``tensorboard`` is False) and, with ``wandb_project``, a W&B run.
+    :meth:`begin` opens the dashboards when the run (re)starts, cut back to its checkpoint.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool = True, tensorboard: bool = True,
+                 wandb_project: Optional[str] = None) -> None:
         self.run_dir = run_dir
         self.enabled = enabled
-        self._tb = None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
-            except ImportError:  # tensorboard is a requirement, but keep training without it
-                self._tb = None
+        self.config: Dict[str, Any] = {}
+        self._tb = TensorBoardBoard(os.path.join(run_dir, "tb")) if enabled and tensorboard else None
+        self._wandb = WandbBoard(wandb_project, run_dir) if enabled and wandb_project else None
+        self._images_logged = False
 
     @property
     def metrics_path(self) -> str:
@@ -123,7 +127,21 @@ class RunLogger:
 
     def write_config(self, config: Dict[str, Any]) -> None:
         if self.enabled:
+            self.config = config
             _write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
+
+    def begin(self, epochs_done: int, steps_done: int) -> None:
+        """The run (re)starts after ``epochs_done`` epochs and ``steps_done`` optimizer steps in all: keep the
+        metrics of those epochs only, open the dashboards cut back to that point, write the configuration."""
+        if not self.enabled:
+            return
+        self.keep_epochs_up_to(epochs_done)
+        fresh = epochs_done == 0 and steps_done == 0
+        if self._tb is not None:
+            self._images_logged = self._tb.begin(epochs_done, steps_done)
+            self._tb.text(CONFIG_TAG, config_markdown(self.config))
+        if self._wandb is not None:
+            self._wandb.begin(self.config, fresh)
 
     def write_summary(self, summary: Dict[str, Any]) -> None:
         if self.enabled:
@@ -154,37 +172,62 @@ class RunLogger:
                 f.write(json.dumps(record) + "\n")
         os.replace(tmp, self.metrics_path)
 
-    def log_epoch(self, record: Dict[str, Any]) -> None:
-        """Append one epoch's record and its scalars to TensorBoard."""
+    def log_epoch(self, record: Dict[str, Any], scalars: Optional[Dict[str, float]] = None) -> None:
+        """Append one epoch's record to metrics.jsonl and its ``scalars`` (default: utils.dashboard.epoch_scalars)
+        to the dashboards."""
         if not self.enabled:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+        scalars = epoch_scalars(record) if scalars is None else scalars
         if self._tb is not None:
-            step = record["epoch"]
-            for key, value in _flatten(record).items():
-                if key != "epoch":
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+            self._tb.scalars(scalars, record["epoch"])
+        if self._wandb is not None:
+            self._wandb.log({**scalars, "epoch": record["epoch"]})
+
+    def log_steps(self, scalars: Dict[str, float], global_step: int) -> None:
+        """Step-level values (utils.dashboard.step_scalars) at optimizer step ``global_step`` of the run."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.scalars(scalars, global_step)
+        if self._wandb is not None:
+            self._wandb.log({**scalars, "global_step": global_step})
+
+    @property
+    def wants_sample_images(self) -> bool:
+        """True until one grid of training images is on the dashboards (a resumed run keeps its first one)."""
+        return self.enabled and not self._images_logged and (self._tb is not None or self._wandb is not None)
+
+    def log_sample_images(self, images: Optional[Any]) -> None:
+        """One grid of the augmented training images ``images`` (K, 3, H, W), normalised as the network sees them."""
+        if not self.wants_sample_images or images is None:
+            return
+        self._images_logged = True
+        grid = image_grid(images)
+        if self._tb is not None:
+            self._tb.image(IMAGES_TAG, grid, 0)
+        if self._wandb is not None:
+            self._wandb.image(IMAGES_TAG, grid, 0)
+
+    def log_final(self, scalars: Dict[str, float]) -> None:
+        """A finished run: the configuration as hyper-parameters with the final metrics (HParams tab; W&B summary)."""
+        if not self.enabled:
+            return
+        metrics = final_scalars(scalars)
+        if self._tb is not None and metrics:
+            self._tb.hparams(flat_config(self.config), metrics, 0)
+        if self._wandb is not None:
+            self._wandb.final(metrics)
+
+    def log_embedding(self, tag: str, features: Any, labels: List[Any], images: Any, step: int) -> None:
+        """Features (M, F) with their labels and images (M, 3, H, W) for TensorBoard's projector."""
+        if self.enabled and self._tb is not None:
+            self._tb.embedding(tag, features, labels, thumbnails(images), step)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-
-
-def _flatten(record: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
-    """{"test": {"top1": [a, b]}} -> {"test/top1/net0": a, "test/top1/net1": b}."""
-    flat: Dict[str, float] = {}
-    for key, value in record.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "/"))
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                if isinstance(v, (int, float)):
-                    flat[f"{name}/net{i}"] = float(v)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[name] = float(value)
-    return flat
+        for board in (self._tb, self._wandb):
+            if board is not None:
+                board.close()
+        self._wandb = None

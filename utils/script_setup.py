@@ -71,6 +71,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "amp", "fast", "channels_last",  # precision and memory layout
     "no_progress", "print_freq", "save_every_steps", "max_train_batches", "max_eval_batches", "eval_batch_size",
     "knn_k", "knn_t",  # reporting, checkpoints, smoke-run caps, the kNN monitor
+    "wandb", "tb_embeddings",  # dashboards
     "cohort",  # compared as the topology it resolves to (auto = independent for N = 2)
     "rep_dim",  # ignored
 })
@@ -170,18 +171,22 @@ def cohort_description(model: nn.Module) -> Tuple[int, str]:
 
 
 def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
-                          max_batches: int, data_description: str, is_main: bool) -> int:
-    """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5 of every network and the ensemble."""
+                          max_batches: int, data_description: str, is_main: bool, progress: bool = False) -> int:
+    """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5, NLL and ECE of every network and the
+    ensemble."""
     cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(device)
     cohort.load_state_dict(ckpt["model"])
     if precision.channels_last:
         cohort = cohort.to(memory_format=torch.channels_last)
-    result = evaluate_cohort(cohort, eval_data, device, precision, max_batches)
+    r = evaluate_cohort(cohort, eval_data, device, precision, max_batches, progress and is_main)
     if is_main:
-        print(f"evaluated {path} (epoch {ckpt['epoch']}) on {result['images']} {data_description}")
-        for i, (t1, t5) in enumerate(zip(result["top1"], result["top5"])):
-            print(f"  net {i} ({cohort.arch_names[i]}): top-1 {t1:.2f}  top-5 {t5:.2f}")
-        print(f"  ensemble: top-1 {result['ens_top1']:.2f}  top-5 {result['ens_top5']:.2f}")
+        print(f"evaluated {path} (epoch {ckpt['epoch']}) on {r['images']} {data_description}")
+        rows = [(f"net {i} ({cohort.arch_names[i]})", r["top1"][i], r["top5"][i], r["nll"][i], r["ece"][i])
+                for i in range(cohort.number_net)]
+        rows.append(("ensemble", r["ens_top1"], r["ens_top5"], r["ens_nll"], r["ens_ece"]))
+        for name, t1, t5, nll, ece in rows:
+            print(f"  {name}: top-1 {t1:.2f}  top-5 {t5:.2f}  NLL {nll:.4f}  ECE {ece:.2f}%")
+        print("  (NLL: mean negative log-likelihood in nats; ECE: expected calibration error, 15 confidence bins)")
     return 0
 
 
@@ -280,7 +285,8 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
     """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
     precision = Precision(args.amp, args.channels_last)
     method = SupervisedMethod(model, wrap_ddp(model, ctx), objective, contrast, eval_data, ctx.device, precision,
-                              args.max_eval_batches)
+                              args.max_eval_batches, progress=not args.no_progress and ctx.is_main,
+                              embeddings=args.tb_embeddings)
     loop = RunLoop(method, optimizer, train_data, ctx, LoopConfig.from_flags(args), precision, logger, plan.run_dir,
                    meta)
     if plan.ckpt is not None:

@@ -23,8 +23,9 @@ from losses.mcl import MCLLosses
 from utils import distributed as du
 from utils.loop import RunState
 from utils.method import Method, StepResult
-from utils.metrics import AccuracyCounter, reduce_accuracy
+from utils.metrics import AccuracyCounter, CalibrationCounter, reduce_accuracy
 from utils.precision import Precision
+from utils.progress import progress as progress_bar
 
 TERMS = ("loss", "loss_cls", "loss_kd", "vcl", "soft_vcl", "icl", "soft_icl")
 
@@ -101,23 +102,67 @@ def compute_loss(
 
 @torch.no_grad()
 def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device, precision: Precision,
-                    max_batches: int = 0) -> Dict[str, Any]:
-    """Test top-1/top-5 (%) of every network and of the ensemble, and the mean CE, over all ranks."""
+                    max_batches: int = 0, progress: bool = False) -> Dict[str, Any]:
+    """Test metrics of every network and of the ensemble (softmax of the mean logits), over all ranks.
+
+    ``top1``/``top5`` (%), ``nll`` (mean negative log-likelihood, nats) and ``ece`` (expected
+    calibration error, %, 15 equal-width confidence bins): lists of N, one per network; the
+    ``ens_`` keys: the ensemble's; ``loss``: the mean of the networks' NLL; ``images``: the count.
+    ``progress``: a bar on a terminal.
+    """
     cohort.eval()
-    counter = AccuracyCounter(cohort.number_net + 1)
-    loss_sum = 0.0
-    for i, raw in enumerate(eval_data):
+    heads = cohort.number_net + 1
+    counter, calibration = AccuracyCounter(heads), CalibrationCounter(heads)
+    total_batches = _batches(eval_data, max_batches)
+    for i, raw in enumerate(progress_bar(eval_data, total_batches, "evaluating", progress)):
         if max_batches and i >= max_batches:
             break
         batch = Batch.from_loader(raw).to(device)
         with precision.autocast(device):
             logits, _ = cohort(precision.prepare_inputs(batch.inputs))
         logits = [z.float() for z in logits]
-        loss_sum += float(sum(F.cross_entropy(z, batch.targets, reduction="sum") for z in logits))
-        counter.update(logits + [ensemble_logits(logits)], batch.targets)
-    top1, top5, total, (loss_total,) = reduce_accuracy(counter, device, [loss_sum])
+        every = logits + [ensemble_logits(logits)]
+        counter.update(every, batch.targets)
+        calibration.update(every, batch.targets)
+    top1, top5, total, _ = reduce_accuracy(counter, device)
+    nll, ece = calibration.reduce(device)
     return {"top1": top1[:-1], "top5": top5[:-1], "ens_top1": top1[-1], "ens_top5": top5[-1],
-            "loss": loss_total / max(total, 1) / cohort.number_net, "images": total}
+            "nll": nll[:-1], "ens_nll": nll[-1], "ece": ece[:-1], "ens_ece": ece[-1],
+            "loss": sum(nll[:-1]) / cohort.number_net, "images": total}
+
+
+def _batches(loader: Any, max_batches: int) -> Optional[int]:
+    """Batches an evaluation will take (for a progress bar); None when the loader has no length."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return None
+    return min(n, max_batches) if max_batches else n
+
+
+@torch.no_grad()
+def test_features(cohort: nn.Module, eval_data: Iterable, device: torch.device, precision: Precision,
+                  limit: int) -> Tuple[List[torch.Tensor], List[int], torch.Tensor]:
+    """Pooled features of every network for the first ``limit`` images of ``eval_data``:
+    (N tensors (M, F_n) float32 on the CPU, M labels, the M images (M, 3, H, W) on the CPU)."""
+    cohort.eval()
+    features: List[List[torch.Tensor]] = [[] for _ in range(cohort.number_net)]
+    labels: List[int] = []
+    images: List[torch.Tensor] = []
+    seen = 0
+    for raw in eval_data:
+        if seen >= limit:
+            break
+        batch = Batch.from_loader(raw).to(device)
+        take = min(limit - seen, batch.targets.size(0))
+        with precision.autocast(device):
+            _, feats = cohort(precision.prepare_inputs(batch.inputs[:take]))
+        for n, f in enumerate(feats):
+            features[n].append(f.float().flatten(1).cpu())
+        labels += batch.targets[:take].tolist()
+        images.append(batch.inputs[:take].float().cpu())
+        seen += take
+    return [torch.cat(f) for f in features], labels, torch.cat(images)
 
 
 class SupervisedMethod(Method):
@@ -127,16 +172,23 @@ class SupervisedMethod(Method):
     lr_flag = "--init-lr"
 
     def __init__(self, model: CohortWithHeads, ddp_model: nn.Module, objective: Objective, contrast: Optional[Any],
-                 eval_data: Any, device: torch.device, precision: Precision, max_eval_batches: int = 0) -> None:
+                 eval_data: Any, device: torch.device, precision: Precision, max_eval_batches: int = 0,
+                 progress: bool = False, embeddings: int = 0) -> None:
+        """``progress``: evaluation bars (main process, terminal); ``embeddings``: test images whose features
+        go to TensorBoard's projector at the end (0 = none)."""
         self.model, self.ddp_model = model, ddp_model
         self.objective, self.contrast = objective, contrast
         self.eval_data, self.device, self.precision = eval_data, device, precision
         self.max_eval_batches = max_eval_batches
+        self.progress, self.embeddings = progress, embeddings
         self.num_heads = model.cohort.number_net + 1  # the networks and their ensemble
 
     def to_device(self, raw: Any):
         batch = Batch.from_loader(raw).to(self.device)
         return batch, batch.targets
+
+    def sample_images(self, batch: Batch) -> torch.Tensor:
+        return batch.inputs
 
     def forward(self, batch: Batch, targets: torch.Tensor) -> StepResult:
         with self.precision.autocast(self.device):
@@ -155,7 +207,7 @@ class SupervisedMethod(Method):
         # after the last step every rank holds its own; evaluate (and save) rank 0's.
         du.broadcast_buffers(self.model)
         test = evaluate_cohort(self.model.cohort, self.eval_data, self.device, self.precision,
-                               self.max_eval_batches)
+                               self.max_eval_batches, self.progress)
         test.pop("images")
         best_single = max(test["top1"])
         return {"test": test, "best_single_top1": best_single}, best_single
@@ -194,12 +246,25 @@ class SupervisedMethod(Method):
     def summary(self, state: RunState, records: List[Dict[str, Any]], epochs: int) -> Dict[str, Any]:
         """The paper's metric (best single network at its best epoch) and the honest last-epoch figures."""
         last = records[-1]["test"] if records else {"top1": [], "ens_top1": None}
+        nll, ece = last.get("nll") or [], last.get("ece") or []
         return {
             "finished": True, "epochs": epochs, "best_acc": state.best_acc, "best_epoch": state.best_epoch,
             "last_top1": last["top1"],
             "last_mean_top1": sum(last["top1"]) / len(last["top1"]) if last["top1"] else None,
             "last_ens_top1": last.get("ens_top1"),
+            "last_nll": nll, "last_mean_nll": sum(nll) / len(nll) if nll else None, "last_ens_nll": last.get("ens_nll"),
+            "last_ece": ece, "last_mean_ece": sum(ece) / len(ece) if ece else None, "last_ens_ece": last.get("ens_ece"),
         }
+
+    def on_finished_dashboards(self, loop: Any) -> None:
+        """--tb-embeddings N: the pooled features of every network for the first N test images (this
+        process's share of the test set), with labels and thumbnails, to TensorBoard's projector."""
+        if not self.embeddings:
+            return
+        features, labels, images = test_features(self.model.cohort, self.eval_data, self.device, self.precision,
+                                                 self.embeddings)
+        for i, f in enumerate(features):
+            loop.logger.log_embedding(f"test_features_net{i}", f, labels, images, loop.state.epoch)
 
     def on_finished(self, loop: Any, summary: Dict[str, Any]) -> None:
         last = ", ".join(f"{v:.2f}" for v in summary["last_top1"])

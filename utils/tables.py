@@ -1,11 +1,15 @@
 """Results tables of grouped runs: metrics, mean ± std over seeds, markdown and CSV.
 
-Three metrics of one run, all test top-1 %:
+Metrics of one run: three of test top-1 %,
 
 - ``paper``: the paper's and the original code's headline number, the best single
   network at its best epoch: max over epochs of (max over networks of test top-1);
 - ``last``: the honest one, the last epoch's test top-1 averaged over networks;
-- ``ensemble``: the last epoch's test top-1 of the ensemble (mean of the logits).
+- ``ensemble``: the last epoch's test top-1 of the ensemble (mean of the logits);
+
+and four of calibration at the last evaluated epoch (lower is better): ``nll`` and ``ece``
+averaged over the networks, ``ensemble_nll`` and ``ensemble_ece`` of the ensemble
+(negative log-likelihood in nats; expected calibration error in %, 15 confidence bins).
 
 A table per section (entry point and dataset), a row per architecture, a column
 per setting, a cell "mean ± std (n)" per group of seeds.
@@ -20,13 +24,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from utils.errors import UserError
 from utils.groups import ARCH_DISPLAY_NAMES, RunGroup
-from utils.run_dirs import Run, record_test, record_top1
+from utils.run_dirs import Run, as_floats, record_test, record_top1
 
 METRIC_DESCRIPTIONS = {
     "paper": "best single network at its best epoch (the paper's and the original's headline number)",
     "last": "last-epoch test top-1 averaged over the networks of the cohort",
     "ensemble": "last-epoch test top-1 of the ensemble (mean of the networks' logits)",
+    "nll": "last-epoch test negative log-likelihood averaged over the networks of the cohort",
+    "ece": "last-epoch test expected calibration error (15 confidence bins) averaged over the networks",
+    "ensemble_nll": "last-epoch test negative log-likelihood of the ensemble",
+    "ensemble_ece": "last-epoch test expected calibration error (15 confidence bins) of the ensemble",
 }
+
+# What a cell holds, by metric (the first line of a markdown report says it).
+METRIC_UNITS = {"nll": "Test NLL (nats, lower is better)", "ensemble_nll": "Test NLL (nats, lower is better)",
+                "ece": "Test ECE % (lower is better)", "ensemble_ece": "Test ECE % (lower is better)"}
 
 SCRIPT_ORDER = ("main_cifar", "main_imagenet", "main_lincls", "main_moco_mcl")
 
@@ -80,7 +92,38 @@ def ensemble_metric(run: Run) -> Optional[float]:
     return _summary_number(run, "last_ens_top1")
 
 
-METRIC_FUNCTIONS = {"paper": paper_metric, "last": last_metric, "ensemble": ensemble_metric}
+def _last_test_value(run: Run, key: str, summary_key: str, mean_over_networks: bool) -> Optional[float]:
+    """The last evaluated epoch's test ``key`` (averaged over the networks when a list); else summary.json's
+    ``summary_key``; None when neither has it (runs from before calibration was measured)."""
+    for record in reversed(run.records):
+        values = as_floats(record_test(record).get(key))
+        if values:
+            return sum(values) / len(values) if mean_over_networks else values[0]
+    return _summary_number(run, summary_key)
+
+
+def nll_metric(run: Run) -> Optional[float]:
+    """Mean over networks of the last evaluated epoch's test NLL (nats)."""
+    return _last_test_value(run, "nll", "last_mean_nll", True)
+
+
+def ece_metric(run: Run) -> Optional[float]:
+    """Mean over networks of the last evaluated epoch's test ECE (%)."""
+    return _last_test_value(run, "ece", "last_mean_ece", True)
+
+
+def ensemble_nll_metric(run: Run) -> Optional[float]:
+    """The ensemble's test NLL (nats) at the last evaluated epoch."""
+    return _last_test_value(run, "ens_nll", "last_ens_nll", False)
+
+
+def ensemble_ece_metric(run: Run) -> Optional[float]:
+    """The ensemble's test ECE (%) at the last evaluated epoch."""
+    return _last_test_value(run, "ens_ece", "last_ens_ece", False)
+
+
+METRIC_FUNCTIONS = {"paper": paper_metric, "last": last_metric, "ensemble": ensemble_metric, "nll": nll_metric,
+                    "ece": ece_metric, "ensemble_nll": ensemble_nll_metric, "ensemble_ece": ensemble_ece_metric}
 
 
 def metric_value(run: Run, metric: str) -> Optional[float]:
@@ -220,10 +263,15 @@ def _no_test_notes(groups: Sequence[RunGroup], metric: str) -> List[str]:
     no_test = [r for g in groups for r in g.runs if r.finished and metric_value(r, metric) is None]
     if not no_test:
         return []
-    lines = ["Runs without test accuracy (not in the tables):"]
+    calibration = metric in METRIC_UNITS
+    lines = [f"Runs without test {'calibration' if calibration else 'accuracy'} (not in the tables):"]
     for r in no_test:
-        why = ("MoCo pre-training; summarize its main_lincls runs" if r.script == "main_moco_mcl"
-               else "no test results in metrics.jsonl yet")
+        if r.script == "main_moco_mcl":
+            why = "MoCo pre-training; summarize its main_lincls runs"
+        elif calibration and test_top1_history(r):
+            why = "no NLL/ECE in metrics.jsonl (measured by main_cifar.py and main_imagenet.py since they were added)"
+        else:
+            why = "no test results in metrics.jsonl yet"
         lines.append(f"- {r.path}: {why}")
     return lines
 
@@ -259,7 +307,7 @@ def report_notes(groups: Sequence[RunGroup], metric: str, include_unfinished: bo
 def metric_line(metric: str) -> str:
     """The first line of a markdown report: which metric, and what a cell holds."""
     return (f"Metric: {metric}, {METRIC_DESCRIPTIONS[metric]}. "
-            "Test top-1 %, mean ± std over seeds (number of runs).")
+            f"{METRIC_UNITS.get(metric, 'Test top-1 %')}, mean ± std over seeds (number of runs).")
 
 
 def _markdown_table(section: str, table: Table) -> List[str]:

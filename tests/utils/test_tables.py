@@ -74,3 +74,30 @@ def test_single_run_has_no_std_and_other_settings_get_descriptive_columns(tmp_pa
                       "| MCL(×2) [VCL+ICL] |")
     assert f"| {paper(CURVES[('mcl2', 0)]):.2f} (1) |" in out
     assert "| WRN-16-2 | 70.00 (1) |  |  |  |  |" in out
+
+
+def _add_calibration(run_dir, nll, ece):
+    """Give every record of a fake run test NLL/ECE (per network and of the ensemble)."""
+    import json
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    records = [json.loads(line) for line in open(path)]
+    for record in records:
+        record["test"].update(nll=nll, ens_nll=min(nll) - 0.1, ece=ece, ens_ece=min(ece) - 1.0)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def test_calibration_metrics_table_nll_and_ece(tmp_path, capsys):
+    root = str(tmp_path)
+    for seed, (nll, ece) in enumerate([([1.0, 1.2], [4.0, 6.0]), ([1.4, 1.6], [6.0, 8.0])]):
+        _add_calibration(write_run(root, f"mcl_s{seed}", config_of("mcl2", seed), CURVES[("mcl2", seed)]), nll, ece)
+    write_run(root, "old_s2", config_of("mcl2", 2), CURVES[("mcl2", 2)])  # before calibration was measured
+    code, out, _ = summarize_cli([root, "--metric", "ece"], capsys)
+    assert code == 0
+    assert "Test ECE % (lower is better)" in out and "| ResNet-32 | 6.00 ± 1.41 (2) |" in out
+    assert "old_s2: no NLL/ECE in metrics.jsonl" in out
+    code, out, _ = summarize_cli([root, "--metric", "ensemble_nll", "--csv"], capsys)
+    row = read_csv(out)["MCL(×2)"]
+    assert float(row["mean"]) == pytest.approx(1.1) and row["n"] == "2"  # (0.9 + 1.3) / 2
+    assert tables.nll_metric(load_run(os.path.join(root, "mcl_s1"))) == pytest.approx(1.5)
