@@ -28,9 +28,10 @@ class MCLLosses(NamedTuple):
 class ProjectionHead(nn.Module):
     """g_n: Linear(dim_in, dim_out) -> ReLU -> Linear(dim_out, dim_out) -> L2 normalise.
 
-    Always float32, also inside an autocast region: the embeddings feed similarity logits
+    At least float32, also inside an autocast region: the embeddings feed similarity logits
     divided by a small temperature, where bfloat16's 8-bit mantissa (about 3 significant
     digits) would blur the contrastive distributions. The backbone stays under autocast.
+    float64 stays float64 (the parity tests run whole models in float64).
     """
 
     def __init__(self, dim_in: int, dim_out: int = 128):
@@ -41,7 +42,7 @@ class ProjectionHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         """(B, dim_in) features (extra trailing dims are flattened) -> (B, dim_out) unit rows."""
         with torch.autocast(features.device.type, enabled=False):
-            return F.normalize(self.proj_head(features.flatten(1).float()), dim=1)
+            return F.normalize(self.proj_head(at_least_float32(features.flatten(1))), dim=1)
 
 
 def build_projection_heads(feature_dims: Sequence[int], dim_out: int = 128) -> nn.ModuleList:

@@ -226,6 +226,12 @@ def test_projection_head_is_unit_norm():
     assert sum(p.numel() for p in head.parameters()) == 24832  # docs/method.md §6.4
 
 
+def test_projection_head_runs_in_at_least_float32():
+    head = ProjectionHead(8, 4)
+    assert head(torch.randn(3, 8, dtype=torch.bfloat16)).dtype == torch.float32
+    assert head.double()(torch.randn(3, 8, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_build_projection_heads():
     heads = build_projection_heads([64, 256], dim_out=32)
     assert isinstance(heads, torch.nn.ModuleList) and len(heads) == 2
