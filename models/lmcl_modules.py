@@ -2,15 +2,15 @@
 
 - ``LossWeightNetwork``: one weight in (0, 1) per (sample, ordered pair of stages of two
   different networks), from the raw stage features; it scales that pair's contrastive and
-  KL terms and is meta-learned (utils/lmcl_meta.py).
+  KL terms and is meta-learned (utils/lmcl_step.py, utils/unrolled.py).
 - ``Aggregator``: per network, an attention over its stages that mixes the stage logits.
 
 Stage features come as a nested sequence ``features[i][s]`` of ``(B, d_i)`` tensors: network
 ``i``, stage ``s`` (on CIFAR: the auxiliary branches from stage 1 and 2, then the backbone).
 
 Pair order, shared by the weight network, the layer-wise loss and every ``(P, B)`` tensor:
-for i in networks, for j != i, for k in stages, for z in stages -> ``(i, k, j, z)``;
-``P = n (n - 1) S^2``. Each unordered pair of (network, stage) appears once per direction.
+``losses.lmcl.stage_pairs`` (for i, for j != i, for k, for z -> ``(i, k, j, z)``,
+``P = n (n - 1) S^2``). Each unordered pair of (network, stage) appears once per direction.
 """
 from typing import List, Mapping, Sequence, Tuple
 
@@ -19,14 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-PairIndex = Tuple[int, int, int, int]
-
-
-def stage_pairs(number_net: int, number_stage: int) -> List[PairIndex]:
-    """All ordered pairs (i, k, j, z): network i stage k against network j != i stage z."""
-    return [(i, k, j, z)
-            for i in range(number_net) for j in range(number_net) if j != i
-            for k in range(number_stage) for z in range(number_stage)]
+from losses.lmcl import stage_pairs
 
 
 def pair_weights_from_hidden(hidden: Sequence[Sequence[Tensor]]) -> Tensor:

@@ -25,10 +25,15 @@ numbers. ``restore_bn_stats=True`` leaves them as the normal update left them.
 The model seen by the meta step is one functional forward over theta:
 ``forward(params, buffers, inputs) -> (logits[i][s] (B, C), features[i][s] (B, d_i),
 embeddings[i][s] (B, d))`` with the embeddings from the projection heads (unit rows);
-``functional_forward(module)`` makes one from a module whose ``forward(x)`` returns that.
+``functional_forward(CohortWithStageHeads(cohort, heads))`` is that forward for an L-MCL
+cohort (models/lmcl.py) and its heads (losses/lmcl.py).
+
+The MCL terms come from a *contrast* ``(embeddings, targets, pair_weights) -> MCLLosses``:
+by default the in-batch layer-wise loss (``LMCLObjective.in_batch_contrast``); a memory-bank
+one (ImageNet) can be passed instead.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +41,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from losses.lmcl_objectives import aggregate_distillation_terms, classification_terms, stage_classification_loss
+from losses.lmcl import StageProjectionHeads, layer_mcl_losses, weighted_mcl_sum
 from losses.mcl import MCLLosses
 from utils.unrolled import Hypergradient, Params, VirtualSGD, hypergradient
 
@@ -46,19 +52,24 @@ Contrast = Callable[[Nested, Tensor, Tensor], MCLLosses]
 
 
 @dataclass(frozen=True)
-class LMCLWeights:
-    """Weights of the MCL terms and the distillation temperature (the authors' CIFAR defaults)."""
+class LMCLObjective:
+    """The loss hyper-parameters (the authors' CIFAR defaults): contrast temperature tau,
+    distillation temperature kd_T (KD and the soft terms), weights of the four MCL terms."""
 
+    tau: float = 0.1
+    kd_T: float = 3.0
     alpha: float = 0.1  # VCL
     gamma: float = 1.0  # soft VCL
     beta: float = 0.1  # ICL
     lam: float = 1.0  # soft ICL
-    kd_T: float = 3.0
 
     def mcl_objective(self, terms: MCLLosses) -> Tensor:
         """alpha * vcl + gamma * soft_vcl + beta * icl + lam * soft_icl."""
-        return (self.alpha * terms.vcl + self.gamma * terms.soft_vcl + self.beta * terms.icl
-                + self.lam * terms.soft_icl)
+        return weighted_mcl_sum(terms, self.alpha, self.gamma, self.beta, self.lam)
+
+    def in_batch_contrast(self, embeddings: Nested, targets: Tensor, pair_weights: Tensor) -> MCLLosses:
+        """The CIFAR contrast: layer-wise MCL within the batch (losses/lmcl.py), a ``Contrast``."""
+        return layer_mcl_losses(embeddings, targets, pair_weights, self.tau, self.kd_T)
 
 
 class MainLoss(NamedTuple):
@@ -81,21 +92,36 @@ class MainLoss(NamedTuple):
 
 
 def main_losses(logits: Nested, features: Nested, embeddings: Nested, targets: Tensor,
-                weight_net: nn.Module, aggregator: nn.Module, contrast: Contrast,
-                weights: LMCLWeights) -> MainLoss:
+                weight_net: nn.Module, aggregator: nn.Module, objective: LMCLObjective,
+                contrast: Optional[Contrast] = None) -> MainLoss:
     """The loss of the normal update (module docstring); gradient reaches the networks, the
-    heads and the aggregator, never the weight network."""
+    heads and the aggregator, never the weight network. contrast: None for the in-batch one."""
+    contrast = contrast or objective.in_batch_contrast
     with torch.no_grad():
         pair_weights = weight_net(features)
     aggregated, attention = aggregator(features, logits)
     loss_cls, ce_values = classification_terms(logits, aggregated, targets)
-    loss_kd, kd_values = aggregate_distillation_terms(logits, aggregated, weights.kd_T)
+    loss_kd, kd_values = aggregate_distillation_terms(logits, aggregated, objective.kd_T)
     mcl = contrast(embeddings, targets, pair_weights)
-    scaled = {"vcl": weights.alpha * mcl.vcl, "soft_vcl": weights.gamma * mcl.soft_vcl,
-              "icl": weights.beta * mcl.icl, "soft_icl": weights.lam * mcl.soft_icl}
-    loss = loss_cls + loss_kd + weights.mcl_objective(mcl)
+    scaled = {"vcl": objective.alpha * mcl.vcl, "soft_vcl": objective.gamma * mcl.soft_vcl,
+              "icl": objective.beta * mcl.icl, "soft_icl": objective.lam * mcl.soft_icl}
+    loss = loss_cls + loss_kd + objective.mcl_objective(mcl)
     terms = {"loss": loss, "loss_cls": loss_cls, "loss_kd": loss_kd, **scaled}
     return MainLoss(loss, terms, ce_values, kd_values, mcl, pair_weights, aggregated, attention)
+
+
+class CohortWithStageHeads(nn.Module):
+    """An L-MCL cohort and its per-(network, stage) projection heads as one module, theta of
+    the meta step. ``forward(x) -> (logits[i][s], features[i][s], embeddings[i][s])``."""
+
+    def __init__(self, cohort: nn.Module, heads: StageProjectionHeads) -> None:
+        super().__init__()
+        self.cohort = cohort
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tuple[List[List[Tensor]], List[List[Tensor]], List[List[Tensor]]]:
+        logits, features = self.cohort(x)
+        return logits, features, self.heads(features)
 
 
 def functional_forward(module: nn.Module) -> Forward:
@@ -120,19 +146,22 @@ class _BufferRouting:
 
 
 def meta_step(forward: Forward, params: Params, buffers: Params, inputs: Tensor, targets: Tensor,
-              weight_net: nn.Module, contrast: Contrast, weights: LMCLWeights, lr: float,
-              times: int = 2, momentum: float = 0.9, weight_decay: float = 5e-4,
+              weight_net: nn.Module, objective: LMCLObjective, lr: float, times: int = 2,
+              momentum: float = 0.9, weight_decay: float = 5e-4, contrast: Optional[Contrast] = None,
               exact_hypergradient: bool = False, restore_bn_stats: bool = False) -> Hypergradient:
     """The weight network's hypergradient from one batch (module docstring).
 
     params: theta, the networks' and heads' parameters (e.g. ``dict(model.named_parameters())``);
     buffers: the model's buffers. Virtual steps t < ``times`` descend the weighted MCL objective
     (weights from ``weight_net`` with gradient), step ``times`` the stage cross-entropies; plain
-    SGD with ``momentum`` and ``weight_decay``, velocity starting empty. exact_hypergradient:
+    SGD with ``momentum`` and ``weight_decay``, velocity starting empty. contrast: None for the
+    in-batch one; it must not change any state (a memory bank is updated by the caller, once per
+    iteration). exact_hypergradient:
     autograd through the steps instead of the authors' recursion. Returns dJ/dphi in the order of
     ``weight_net.parameters()``; no parameter and no ``.grad`` is changed, the buffers only as
     the module docstring says.
     """
+    contrast = contrast or objective.in_batch_contrast
     routing = _BufferRouting(buffers, update_live_once=not restore_bn_stats)
 
     def stage_ce(theta: Params) -> Tensor:
@@ -143,7 +172,7 @@ def meta_step(forward: Forward, params: Params, buffers: Params, inputs: Tensor,
         if t >= times:
             return stage_ce(theta)
         _, features, embeddings = forward(theta, routing.next(), inputs)
-        return weights.mcl_objective(contrast(embeddings, targets, weight_net(features)))
+        return objective.mcl_objective(contrast(embeddings, targets, weight_net(features)))
 
     sgd = VirtualSGD(lr=lr, momentum=momentum, weight_decay=weight_decay)
     return hypergradient(params, list(weight_net.parameters()), step_objective, stage_ce, times + 1, sgd,

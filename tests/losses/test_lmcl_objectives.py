@@ -1,15 +1,12 @@
 """L-MCL's classification and distillation terms against loop formulas and against the values
 the authors' code computed in its training iteration (tests/fixtures/lmcl/reference_cases.pt)."""
 import math
-import os
 
 import torch
 
 from losses.lmcl_objectives import (aggregate_distillation_terms, classification_terms,
                                     stage_classification_loss, stage_cross_entropies)
-from tests import ROOT
-
-CASES = os.path.join(ROOT, "tests", "fixtures", "lmcl", "reference_cases.pt")
+from tests.lmcl_fixtures import TRAIN_ITER, reference_cases
 
 
 def slow_ce(logits, targets):
@@ -62,7 +59,7 @@ def test_distillation_terms_match_loop_formula_and_detach_the_aggregate():
 
 
 def test_values_match_the_authors_training_iteration():
-    case = torch.load(CASES, weights_only=True)["train_iter_lmcl_resnet32_cifar_n2_b16"]
+    case = reference_cases()[TRAIN_ITER]
     main = case["main_step"]
     logits = [list(net) for net in main["logits"]]
     aggregated = list(main["aggregated_logits"])

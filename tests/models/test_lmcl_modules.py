@@ -1,22 +1,20 @@
 """LossWeightNetwork and Aggregator: against loop formulas written here and against the authors'
 code (tests/fixtures/lmcl/reference_cases.pt), values and gradients in float64."""
 import math
-import os
 
 import pytest
 import torch
 
-from models.lmcl_modules import (Aggregator, LossWeightNetwork, authors_aggregator_state,
-                                 stage_pairs)
-from tests import ROOT
+from losses.lmcl import stage_pairs
+from models.lmcl_modules import Aggregator, LossWeightNetwork, authors_aggregator_state
+from tests.lmcl_fixtures import reference_cases
 
-CASES = os.path.join(ROOT, "tests", "fixtures", "lmcl", "reference_cases.pt")
 TOL = dict(rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture(scope="module")
 def cases():
-    return torch.load(CASES, weights_only=True)
+    return reference_cases()
 
 
 def nested(per_net, number_net):
@@ -32,12 +30,6 @@ def assert_close_scaled(got, expected):
     """Entrywise within 1e-10 of the largest expected entry (gradients span many magnitudes)."""
     scale = max(expected.abs().max().item(), 1e-300)
     torch.testing.assert_close(got / scale, expected / scale, rtol=0, atol=1e-10)
-
-
-def test_stage_pairs_order():
-    assert stage_pairs(2, 2) == [(0, 0, 1, 0), (0, 0, 1, 1), (0, 1, 1, 0), (0, 1, 1, 1),
-                                 (1, 0, 0, 0), (1, 0, 0, 1), (1, 1, 0, 0), (1, 1, 0, 1)]
-    assert len(stage_pairs(3, 3)) == 54 and len(stage_pairs(2, 4)) == 32
 
 
 def slow_pair_weights(net, features):

@@ -11,11 +11,11 @@ from torch.func import functional_call
 
 from losses.mcl import MCLLosses
 from models.lmcl_modules import Aggregator, LossWeightNetwork, stage_pairs
-from utils.lmcl_step import (LMCLWeights, apply_hypergradient, functional_forward, main_losses, meta_step,
+from utils.lmcl_step import (LMCLObjective, apply_hypergradient, functional_forward, main_losses, meta_step,
                              nesterov_sgd)
 
 TOL = dict(rtol=1e-10, atol=1e-12)
-WEIGHTS = LMCLWeights(alpha=0.3, gamma=0.7, beta=0.2, lam=1.1, kd_T=2.0)
+WEIGHTS = LMCLObjective(tau=0.5, kd_T=2.0, alpha=0.3, gamma=0.7, beta=0.2, lam=1.1)
 LR, MU, WD, TIMES = 0.2, 0.9, 5e-3, 2
 
 
@@ -94,7 +94,8 @@ def brute_force_hypergradient(model, weight_net, x, y):
 
 def run_meta(model, weight_net, x, y, **flags):
     return meta_step(functional_forward(model), dict(model.named_parameters()), dict(model.named_buffers()), x, y,
-                     weight_net, toy_contrast, WEIGHTS, LR, times=TIMES, momentum=MU, weight_decay=WD, **flags)
+                     weight_net, WEIGHTS, LR, times=TIMES, momentum=MU, weight_decay=WD, contrast=toy_contrast,
+                     **flags)
 
 
 def test_exact_meta_step_equals_autograd_through_written_out_steps():
@@ -171,7 +172,7 @@ def test_main_losses_terms_and_gradients():
     model, weight_net, x, y = make_setup(6)
     aggregator = Aggregator([4, 4], number_stage=2).double()
     logits, features, embeddings = model(x)
-    out = main_losses(logits, features, embeddings, y, weight_net, aggregator, toy_contrast, WEIGHTS)
+    out = main_losses(logits, features, embeddings, y, weight_net, aggregator, WEIGHTS, toy_contrast)
     assert not out.pair_weights.requires_grad
     torch.testing.assert_close(out.pair_weights, weight_net(features).detach(), rtol=0, atol=0)
     parts = out.terms
