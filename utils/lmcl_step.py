@@ -6,8 +6,8 @@ Pieces, each with explicit inputs (no args object):
   and of every network's aggregated logits; KL distillation of every network's final head
   towards every network's detached aggregated logits (i = j included); the layer-wise MCL
   terms, each pair and sample scaled by the weight network's output, which is computed
-  without gradient here. The caller steps ``main_optimizer`` (nesterov SGD) on the networks,
-  the projection heads and the aggregator.
+  without gradient here. The caller then steps one ``nesterov_sgd`` optimizer over the
+  networks, the projection heads and the aggregator.
 - ``meta_step``: every ``--meta-freq`` iterations, after the normal update, the weight
   network phi learns through ``times`` virtual SGD steps of the networks and heads theta on
   the weighted MCL objective, one more on the stage cross-entropies, and the outer objective
@@ -31,6 +31,11 @@ cohort (models/lmcl.py) and its heads (losses/lmcl.py).
 The MCL terms come from a *contrast* ``(embeddings, targets, pair_weights) -> MCLLosses``:
 by default the in-batch layer-wise loss (``LMCLObjective.in_batch_contrast``); a memory-bank
 one (ImageNet) can be passed instead.
+
+Precision: run the meta step in float32 or float64, outside autocast. It differentiates
+through gradients (double backward), which the fused BatchNorm kernel of the bf16 fast path
+does not provide, and the fixtures' notes show it is ill-conditioned at lr 0.1 (float32 and
+float64 hypergradients already differ by tens of percent).
 """
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -40,8 +45,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.func import functional_call
 
-from losses.lmcl_objectives import aggregate_distillation_terms, classification_terms, stage_classification_loss
 from losses.lmcl import StageProjectionHeads, layer_mcl_losses, weighted_mcl_sum
+from losses.lmcl_objectives import aggregate_distillation_terms, classification_terms, stage_classification_loss
 from losses.mcl import MCLLosses
 from utils.unrolled import Hypergradient, Params, VirtualSGD, hypergradient
 
@@ -155,11 +160,11 @@ def meta_step(forward: Forward, params: Params, buffers: Params, inputs: Tensor,
     buffers: the model's buffers. Virtual steps t < ``times`` descend the weighted MCL objective
     (weights from ``weight_net`` with gradient), step ``times`` the stage cross-entropies; plain
     SGD with ``momentum`` and ``weight_decay``, velocity starting empty. contrast: None for the
-    in-batch one; it must not change any state (a memory bank is updated by the caller, once per
-    iteration). exact_hypergradient:
-    autograd through the steps instead of the authors' recursion. Returns dJ/dphi in the order of
-    ``weight_net.parameters()``; no parameter and no ``.grad`` is changed, the buffers only as
-    the module docstring says.
+    in-batch one; it must not change any state (a memory bank is updated by the caller, once
+    per iteration). exact_hypergradient: autograd through the steps instead of the authors'
+    recursion. Returns dJ/dphi in the order of ``weight_net.parameters()`` (under DDP each rank
+    gets its own batch's; average them before ``apply_hypergradient``). No parameter and no
+    ``.grad`` is changed, the buffers only as the module docstring says.
     """
     contrast = contrast or objective.in_batch_contrast
     routing = _BufferRouting(buffers, update_live_once=not restore_bn_stats)
