@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from losses.mcl import MCLLosses, ProjectionHead, in_batch_masks, similarity_blocks
+from losses.mcl import MCLLosses, ProjectionHead, at_least_float32, in_batch_masks
 from losses.memory import memory_cross_logits, update_memories
 
 Embeddings = Union[Tensor, Sequence[Sequence[Tensor]]]  # (N, S, B, D) or N x S of (B, D)
@@ -135,14 +135,16 @@ def layer_mcl_pair_terms(embeddings: Embeddings, labels: Tensor, weights: PairWe
 
     embeddings: N x S of (B, D) unit rows (or (N, S, B, D)); labels (B,); weights (P, B) in
     :func:`stage_pairs` order. All (net, stage) similarity blocks come from one matmul; each
-    block's row terms are computed once and shared by the pairs that use it.
+    block's row terms are computed once and shared by the pairs that use it (an own block
+    S_aa serves every pair of its unit).
     """
     units = _as_units(embeddings)
     _check_units(units)
     n, s, batch = units.shape[:3]
     w = _as_pair_weights(weights, n * (n - 1) * s * s, batch)
-    S = similarity_blocks(list(units.flatten(0, 1)), tau)
-    blocks = torch.stack([torch.stack(row) for row in S])  # (U, U, B, B): S[u][v] = e_u e_v^T / tau
+    flat = units.flatten(0, 2)  # (U B, D), U = N S (net, stage) units
+    similarity = at_least_float32(flat @ flat.T) / tau
+    blocks = similarity.view(n * s, batch, n * s, batch).transpose(1, 2)  # [u, v] = e_u e_v^T / tau
     positive, denominator = in_batch_masks(labels.to(units.device))
     log_prob = blocks - torch.logsumexp(blocks.masked_fill(~denominator, float("-inf")), dim=-1, keepdim=True)
     contrast = contrastive_rows(log_prob, positive)  # (U, U, B)

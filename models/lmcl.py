@@ -8,9 +8,10 @@ network itself. A network therefore yields S (logits, feature) pairs, in the ord
 ``[aux 0, ..., aux S-2, backbone]``.
 
 Branch sizes follow the authors' models: on CIFAR each copy holds the full later stages
-(with the network's final BN-ReLU or 1x1 conv where it has one); on ImageNet the ResNet copies
-hold one block per stage and the ShuffleNetV2 copy fed by the stem output one unit plus one
-block per stage, the other copies the full stages.
+(with the network's final BN-ReLU or 1x1 conv + BN-ReLU where it has one); on ImageNet the
+ResNet copies hold one block per later stage, and of the ShuffleNetV2 copies the one fed by
+the stem holds two units per stage (the strided one and one more), the others the full stages;
+each ShuffleNetV2 copy ends with its own 1x1 conv + BN-ReLU.
 
 State-dict layout of an :class:`LMCLNetwork`: ``stem.*`` and ``branch.*`` are exactly the keys
 of ``models.get_model(arch, num_classes)`` (the plain network), the auxiliary branches live
@@ -180,9 +181,9 @@ class LMCLCohort(nn.Module):
 def build_lmcl_cohort(arch: str, number_net: int, num_classes: int) -> LMCLCohort:
     """``number_net`` L-MCL networks; ``arch`` is one name (repeated) or ``number_net``
     comma-separated names (a heterogeneous cohort). CohortError on bad requests."""
+    for name in arch.split(","):
+        get_plan(name.strip())  # names the L-MCL architectures when one is not
     names = parse_arch_names(arch, number_net)
-    for name in names:
-        get_plan(name)
     return LMCLCohort([LMCLNetwork(name, num_classes) for name in names])
 
 

@@ -156,6 +156,19 @@ def test_in_batch_terms_match_the_slow_formula(n, s, labels):
     assert_terms_and_grads_match(fast, slow, [emb, w], rtol=1e-9)
 
 
+def test_in_batch_second_order_matches_the_slow_formula():
+    """The meta step differentiates the embedding gradient again (w.r.t. the weights and embeddings)."""
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    emb, w = leaves(unit_embeddings(2, 2, 6, 5, seed=2), pair_weights(2, 2, 6, seed=2))
+    direction = torch.randn(emb.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    second = []
+    for terms in (layer_mcl_pair_terms, slow_in_batch):
+        g_emb, = torch.autograd.grad(terms(emb, labels, w, TAU, KD_T).sum(), emb, create_graph=True)
+        second.append(torch.autograd.grad((g_emb * direction).sum(), [w, emb]))
+    for got, want in zip(*second):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
 def test_in_batch_accepts_nested_lists_and_weight_lists():
     labels = torch.tensor([0, 0, 1, 1])
     emb, w = unit_embeddings(2, 3, 4, 6, seed=1), pair_weights(2, 3, 4, seed=1)
