@@ -104,6 +104,9 @@ def add_common_additions(parser: argparse.ArgumentParser,
                    help="name of the run directory under --checkpoint-dir (default: from arch, N, "
                         "weights and seed)")
     add_run_additions(g, save_every_steps=100, fast_help=fast_help)
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), "
+                        "as one process on the whole batch computes them; ignored in one process")
     return g
 
 
@@ -113,6 +116,10 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
     g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
     add_precision_args(g)
     g.add_argument("--fast", action="store_true", help=fast_help)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward and loss (the first steps compile, "
+                        "for a minute or more; checkpoints stay the same; inductor needs Triton on CUDA, "
+                        "a C++ compiler on CPU)")
     g.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
     g.add_argument("--deterministic", action="store_true",
