@@ -42,8 +42,10 @@ def check_compile_supported(device: torch.device) -> None:
     if compile_backend() != "inductor":
         return
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
+        try:
+            from torch.utils._triton import has_triton
+        except ImportError:  # an older torch: let torch.compile say it
+            return
         if not has_triton():
             raise ConfigError("--compile on CUDA needs Triton (pip install triton); leave --compile out")
     elif not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
