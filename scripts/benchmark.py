@@ -72,7 +72,7 @@ from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
 from utils.args import HelpFormatter, parse_flags
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
-from utils.loop import LoopConfig, RunLoop, wrap_ddp  # noqa: E402
+from utils.loop import LoopConfig, RunLoop  # noqa: E402
 from utils.precision import Precision  # noqa: E402
 from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noqa: E402
 from utils.run_files import RunLogger  # noqa: E402
@@ -231,7 +231,7 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext,
     precision = Precision("bf16", channels_last=True)
     contrast = InBatchContrast(args.tau, args.kd_T)
     contrast.losses = compiled_function(contrast.losses, compile)
-    step_model = step_module(model, ctx, wrap_ddp, compile=compile)
+    step_model = step_module(model, ctx, compile=compile)
     method = SupervisedMethod(model, step_model, objective, contrast, test_data, device, precision)
     config = LoopConfig(epochs=1, init_lr=args.init_lr, lr_type="cosine", milestones=(), progress=False)
     trainer = RunLoop(method, optimizer, train_data, ctx, config, precision, RunLogger("", enabled=False), "", {})

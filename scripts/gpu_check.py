@@ -647,8 +647,9 @@ def worker_two(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from utils import distributed as du
 
-    device = torch.device(args.argv[args.argv.index("--device") + 1])
-    if device.type == "cuda":
+    on_cuda = args.argv[args.argv.index("--device") + 1] == "cuda"
+    device = torch.device("cuda", 0) if on_cuda else torch.device("cpu")  # both processes share GPU 0
+    if on_cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank, world_size=2)
     ctx = du.DistContext(rank=args.rank, world_size=2, local_rank=args.rank, device=device, distributed=True)

@@ -58,8 +58,7 @@ class MemoryContrast(nn.Module):
 
     def forward(self, embeddings: List[torch.Tensor], batch) -> MCLLosses:
         """embeddings: N (B, feat_dim) L2-normalised; batch.pos_idx (B, 1+pos_k), batch.neg_idx (B, neg_k)."""
-        return self.losses(embeddings, self.memories, batch.pos_idx, batch.neg_idx,
-                                 self.tau, self.kd_T)
+        return self.losses(embeddings, self.memories, batch.pos_idx, batch.neg_idx, self.tau, self.kd_T)
 
     @torch.no_grad()
     def after_step(self, embeddings: List[torch.Tensor], batch) -> None:

@@ -14,7 +14,7 @@ from utils.checkpoint import (best_checkpoint_path, check_compatible, flag_of_fi
                               load_checkpoint, remove_stale_temporaries, seed_everything)
 from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, run_in_group
-from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.loop import LoopConfig, RunLoop, already_finished
 from utils.precision import Precision, validate_precision
 from utils.run_files import check_run_dir_free, ensure_writable_dir, lock_run_dir
 from utils.step_module import compiled_function, step_module
@@ -279,7 +279,7 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
                     meta: Dict[str, Any]):
     """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
     precision = Precision(args.amp, args.channels_last)
-    step = step_module(model, ctx, wrap_ddp, compile=args.compile, sync_bn=args.sync_bn)
+    step = step_module(model, ctx, compile=args.compile, sync_bn=args.sync_bn)
     if contrast is not None:
         contrast.losses = compiled_function(contrast.losses, args.compile)
     method = SupervisedMethod(model, step, objective, contrast, eval_data, ctx.device, precision,

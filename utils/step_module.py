@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from utils.errors import ConfigError
+from utils.loop import wrap_ddp
 
 BACKEND_ENV = "MCL_COMPILE_BACKEND"
 
@@ -76,10 +77,9 @@ def convert_sync_bn(model: nn.Module, distributed: bool, device: torch.device) -
     return None
 
 
-def step_module(model: nn.Module, ctx: Any, wrap_ddp: Callable[[nn.Module, Any], nn.Module], *,
-                compile: bool = False, sync_bn: bool = False) -> nn.Module:
-    """The module a training step runs: ``model`` (SyncBatchNorm under ``sync_bn``), in DDP
-    (``wrap_ddp(model, ctx)``), compiled under ``compile``. The caller keeps ``model`` for saving."""
+def step_module(model: nn.Module, ctx: Any, *, compile: bool = False, sync_bn: bool = False) -> nn.Module:
+    """The module a training step runs: ``model`` (SyncBatchNorm under ``sync_bn``), in DDP under a
+    process group (utils.loop.wrap_ddp), compiled under ``compile``. The caller keeps ``model`` for saving."""
     if sync_bn:
         note = convert_sync_bn(model, ctx.distributed, ctx.device)
         if note and ctx.is_main:

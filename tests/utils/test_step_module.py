@@ -20,7 +20,6 @@ import main_moco_mcl
 from utils import distributed as du
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
-from utils.loop import wrap_ddp
 from utils.step_module import BACKEND_ENV, compiled_function, convert_sync_bn, step_module
 
 TINY_CIFAR = ["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-classes", "4", "--batch-size", "8",
@@ -72,7 +71,7 @@ def test_compiled_ddp_step_trains_exactly_like_eager_and_keeps_the_state_keys(on
     states = []
     for compile in (False, True):
         model = tiny_net().to(memory_format=torch.channels_last)
-        step = step_module(model, one_rank_group, wrap_ddp, compile=compile)
+        step = step_module(model, one_rank_group, compile=compile)
         assert isinstance(step, torch._dynamo.OptimizedModule) == compile
         train_three_steps(model, step)
         states.append(model.state_dict())
@@ -120,7 +119,7 @@ def test_sync_bn_converts_every_batchnorm_in_place_with_the_same_parameters_and_
 def test_sync_bn_in_one_process_is_a_note_and_changes_nothing(capsys):
     model = tiny_net()
     ctx = du.DistContext(device=torch.device("cpu"))
-    assert step_module(model, ctx, wrap_ddp, sync_bn=True) is model
+    assert step_module(model, ctx, sync_bn=True) is model
     assert type(model[1]) is nn.BatchNorm2d
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "--sync-bn changes nothing in one process" in out
@@ -129,7 +128,7 @@ def test_sync_bn_in_one_process_is_a_note_and_changes_nothing(capsys):
 def test_sync_bn_under_a_cpu_process_group_is_refused_in_one_line():
     ctx = du.DistContext(device=torch.device("cpu"), distributed=True, world_size=2)
     with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
-        step_module(tiny_net(), ctx, wrap_ddp, sync_bn=True)
+        step_module(tiny_net(), ctx, sync_bn=True)
 
 
 @pytest.mark.parametrize("script,flags", [(main_cifar, ("--compile", "--sync-bn")),
