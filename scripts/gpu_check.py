@@ -312,6 +312,8 @@ def two_process_check(script: str, cuda_flags: List[str], cpu_flags: List[str], 
             result.reason += "; " + compare_with_one_process(ctx, script, argv, run_dir)
         elif compare_one_process:
             result.reason += "; the comparison with one process needs --sync-bn, which needs CUDA"
+        if not ctx.cuda and cuda_flags != cpu_flags:
+            result.reason += f"; CPU dry run: {' '.join(cpu_flags) or 'no flags'} for {' '.join(cuda_flags)}"
         return result
 
     label = " ".join([script, *cuda_flags])
