@@ -35,9 +35,10 @@ from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.run_files import RunLogger
-from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.loop import LoopConfig, RunLoop, already_finished
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.precision import Precision, validate_precision
+from utils.step_module import step_module
 from utils.script_setup import claim_run_dir, configure_determinism, load_for_evaluation, load_for_resume, resolve_resume
 
 DEFAULT_ARCH = "resnet50"
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     du.broadcast_state(model)
     reference = frozen_snapshot(model)
     params = freeze_all_but_fc(model)
-    ddp_model = wrap_ddp(model, ctx)
+    ddp_model = step_module(model, ctx, compile=args.compile)
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     logger = RunLogger(run_dir, enabled=ctx.is_main and not args.evaluate, wandb_project=args.wandb)
     config = dict(vars(args), script=SCRIPT, arch=arch, num_classes=num_classes,

@@ -35,10 +35,11 @@ from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader
 from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
-from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.loop import LoopConfig, RunLoop, already_finished
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.moco_pretrain import MocoMethod, link_final_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
+from utils.step_module import step_module
 from utils.script_setup import claim_run_dir, configure_determinism, load_for_resume, resolve_resume
 
 SCRIPT = "main_moco_mcl"
@@ -168,7 +169,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
             link_final_checkpoint(run_dir, int(ckpt["epoch"]))
         return 0
     model = build_model(args, ctx)
-    ddp_model = wrap_ddp(model, ctx)
+    ddp_model = step_module(model, ctx, compile=args.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sampler_seed = sampler_seed_for(args.seed, ckpt)

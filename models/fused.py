@@ -95,12 +95,19 @@ def fused_kernel() -> Any:
         return _kernel
 
 
+def _is_compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3; torch._dynamo's before
+    return bool(check() if check is not None else torch._dynamo.is_compiling())
+
+
 def _fits(t: torch.Tensor) -> bool:
     return (t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4
             and t.size(1) % _LANES == 0 and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def can_fuse(bn: nn.BatchNorm2d, x: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
+    if _is_compiling():
+        return False  # under --compile, inductor fuses these ops itself (and cannot trace the extension)
     if not (bn.training and bn.track_running_stats and bn.momentum is not None and bn.affine):
         return False
     if type(bn) is not nn.BatchNorm2d or not _fits(x) or x.numel() // x.size(1) < 2:

@@ -3,25 +3,36 @@
 
     python scripts/benchmark.py --arch resnet32 --number-net 2
 
-Both modes train the same cohort with the same MCL objective (the paper's weights by
+All modes train the same cohort with the same MCL objective (the paper's weights by
 default) inside ONE process, interleaved (reference, fast, reference, fast, ...) after
-a warm-up, so both see the same machine load; figures are medians over the repeats.
+a warm-up, so all see the same machine load; figures are medians over the repeats.
 
 - ``reference``: the original's execution. float32, NCHW, torchvision's PIL transforms
   (RandomCrop(32, padding=4), flip, ToTensor, Normalize) per image through a DataLoader
-  with the m-per-class sampler flattened into indices (``--num-workers`` 0 as the
-  original), networks one after another, projection heads and losses.mcl.sup_mcl_losses,
+  with the m-per-class sampler flattened into indices (on CPU ``--num-workers`` 0, what the
+  original's loader ran with: its flag never reached it), networks one after another, projection heads and losses.mcl.sup_mcl_losses,
   SGD Nesterov, and the original's per-step ``.item()`` logging and accuracy counts.
 - ``fast``: exactly what ``main_cifar.py --fast`` runs: the same builders as
   main_cifar.py (data.pipeline with the tensor path, CohortWithHeads in channels_last,
   build_sgd, InBatchContrast) and the run loop's own ``RunLoop.train_step`` under
   ``Precision("bf16", channels_last=True)``. No re-implementation, so a change to the
   engine changes this number.
+- ``fast_compile``: ``main_cifar.py --fast --compile``, the same with the step's module and
+  the MCL losses through torch.compile (utils/step_module.py); its warm-up steps compile.
 
-Output: one JSON line per mode, then one line with the ratio fast/reference, the
+Default modes: reference and fast on CPU; all three with ``--device cuda``, where the
+reference's PIL path gets the original's DataLoader workers (8, the default of the
+original's ``--num-workers``, which main_cifar.py passes to its loader; at most the
+machine's cores) so that its decoding overlaps the GPU, and pinned memory. Every timed block ends with
+``torch.cuda.synchronize``, so the GPU's queued work is inside the time. With workers,
+the loader prefetches (2 batches per worker) while the other modes run: a reference round
+shorter than that prefetch hides a data-bound reference (``data_s_per_step`` shows the wait).
+
+Output: one JSON line per mode, then one line with the ratios (fast/reference and, with
+fast_compile, fast_compile/reference and fast_compile/fast), the reference's workers, the
 command, the hardware and the versions. ``peak_memory_mb`` is CUDA's max allocated
 memory of that mode on a GPU; on CPU it is the process's maximum resident set size
-(resource.getrusage), which is shared by both modes of the one process (an upper bound
+(resource.getrusage), which is shared by the modes of the one process (an upper bound
 for each, not a per-mode figure).
 
 ``--convolutions`` then profiles each mode (torch.profiler) and prints, per mode, the
@@ -67,8 +78,11 @@ from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noq
 from utils.run_files import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
 from utils.script_setup import build_sgd, configure_determinism  # noqa: E402
+from utils.step_module import compiled_function, step_module  # noqa: E402
 
-MODES = ("reference", "fast")
+MODES = ("reference", "fast", "fast_compile")
+DEFAULT_MODES = {"cpu": "reference,fast", "cuda": "reference,fast,fast_compile"}
+ORIGINAL_WORKERS = 8  # the original main_cifar.py's --num-workers default
 Step = Callable[[], float]  # runs one training step, returns the seconds spent waiting for data
 
 
@@ -98,13 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds; the figures are medians over them")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--modes", default="reference,fast", help="comma-separated subset of: " + ", ".join(MODES))
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of: " + ", ".join(MODES) + " (default: reference,fast on CPU, "
+                        "all three on CUDA)")
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "cifar100", "cifar10"))
     p.add_argument("--data", default="./data/", help="CIFAR directory for --dataset cifar100/cifar10")
     p.add_argument("--synthetic-size", type=int, default=5000)
     p.add_argument("--synthetic-classes", type=int, default=100)
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="DataLoader workers of the reference (the original: 0)")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader workers of the reference's PIL path (default: 0 on CPU, where the workers "
+                        "would take the cores the step uses; on CUDA the original's 8, at most the cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--convolutions", action="store_true",
                    help="after the timing, profile --steps steps of each mode and print the time spent in "
@@ -198,8 +215,8 @@ def reference_step_fn(args: argparse.Namespace, data: ArrayData, device: torch.d
 # ---------------------------------------------------------------- the fast path
 
 
-def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext) -> Step:
-    """One step of ``main_cifar.py --fast``, built with main_cifar.py's own builders."""
+def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext, compile: bool = False) -> Step:
+    """One step of ``main_cifar.py --fast`` (``--fast --compile``), built with main_cifar.py's own builders."""
     device = ctx.device
     torch.manual_seed(args.seed)
     cohort = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort)
@@ -212,8 +229,10 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext)
         m_per_class=args.m_per_class, visit_all=False, seed=args.seed, rank=0, world_size=1, device=device,
         num_workers=0, channels_last=True)
     precision = Precision("bf16", channels_last=True)
-    method = SupervisedMethod(model, model, objective, InBatchContrast(args.tau, args.kd_T), test_data, device,
-                              precision)
+    contrast = InBatchContrast(args.tau, args.kd_T)
+    contrast.losses = compiled_function(contrast.losses, compile)
+    step_model = step_module(model, ctx, compile=compile)
+    method = SupervisedMethod(model, step_model, objective, contrast, test_data, device, precision)
     config = LoopConfig(epochs=1, init_lr=args.init_lr, lr_type="cosine", milestones=(), progress=False)
     trainer = RunLoop(method, optimizer, train_data, ctx, config, precision, RunLogger("", enabled=False), "", {})
     model.train()
@@ -351,7 +370,25 @@ def environment(device: torch.device, argv: List[str]) -> Dict[str, Any]:
     return env
 
 
-def parse_modes(text: str) -> List[str]:
+def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
+    """fast / reference (median, paired median, best over best) and, with fast_compile, its ratios."""
+    out: Dict[str, float] = {}
+    if "reference" in results and "fast" in results:
+        fast, ref = results["fast"], results["reference"]
+        out["ratio_fast_over_reference"] = fast["images_per_s"] / ref["images_per_s"]
+        # Each fast round against the reference round just before it: robust to slow load drifts.
+        out["ratio_paired_median"] = statistics.median(
+            f / r for f, r in zip(fast["images_per_s_rounds"], ref["images_per_s_rounds"]))
+        out["ratio_best_over_best"] = fast["images_per_s_best"] / ref["images_per_s_best"]
+    for base in ("reference", "fast"):
+        if "fast_compile" in results and base in results:
+            out[f"ratio_fast_compile_over_{base}"] = (results["fast_compile"]["images_per_s"]
+                                                      / results[base]["images_per_s"])
+    return out
+
+
+def parse_modes(text: Optional[str], device: torch.device) -> List[str]:
+    text = text or DEFAULT_MODES[device.type]
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -362,15 +399,19 @@ def parse_modes(text: str) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_flags(build_parser(), argv)
-    modes = parse_modes(args.modes)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = du.setup_distributed(device=args.device)
     device = ctx.device
+    modes = parse_modes(args.modes, device)
+    if args.num_workers is None:
+        args.num_workers = min(ORIGINAL_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
     configure_determinism(False, device)  # cudnn.benchmark on CUDA, as the original set it
     load_before = [round(v, 2) for v in os.getloadavg()]
     data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes, args.seed)
-    builders = {"reference": lambda: reference_step_fn(args, data, device), "fast": lambda: fast_step_fn(args, data, ctx)}
+    builders = {"reference": lambda: reference_step_fn(args, data, device),
+                "fast": lambda: fast_step_fn(args, data, ctx),
+                "fast_compile": lambda: fast_step_fn(args, data, ctx, compile=True)}
     steps = {mode: builders[mode]() for mode in modes}
     topology = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort).topology
     results = run_interleaved(steps, args, device)
@@ -381,14 +422,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for mode in modes:
         print(json.dumps({"mode": mode, **common, **results[mode]}), flush=True)
     summary: Dict[str, Any] = {"summary": True, **common, "steps": args.steps, "warmup": args.warmup,
-                               "repeats": args.repeats, "dataset": args.dataset}
-    if "reference" in results and "fast" in results:
-        fast, ref = results["fast"], results["reference"]
-        summary["ratio_fast_over_reference"] = fast["images_per_s"] / ref["images_per_s"]
-        # Each fast round against the reference round just before it: robust to slow load drifts.
-        summary["ratio_paired_median"] = statistics.median(
-            f / r for f, r in zip(fast["images_per_s_rounds"], ref["images_per_s_rounds"]))
-        summary["ratio_best_over_best"] = fast["images_per_s_best"] / ref["images_per_s_best"]
+                               "repeats": args.repeats, "dataset": args.dataset,
+                               "reference_num_workers": args.num_workers}
+    summary.update(ratios(results))
     if args.convolutions:
         shares = {mode: convolution_share(step, args.steps, device) for mode, step in steps.items()}
         for mode, share in shares.items():

@@ -21,6 +21,21 @@ from tests.fake_runs import write_runs  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: the CUDA variant of a test (skipped without a GPU); "
+                                       "scripts/gpu_check.sh runs `pytest -m cuda` on a GPU")
+
+
+# A test that takes ``device`` runs on the CPU and, marked ``cuda``, on the GPU when there is one.
+CUDA_PARAM = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                               reason="no CUDA device")])
+
+
+@pytest.fixture(params=["cpu", CUDA_PARAM])
+def device(request):
+    return torch.device(request.param)
+
+
 @pytest.fixture
 def runs_root(tmp_path):
     """Run directories of known curves (tests/fake_runs.py): three seeds of a baseline and of MCL(×2)."""

@@ -113,6 +113,9 @@ def add_common_additions(parser: argparse.ArgumentParser,
     g.add_argument("--tb-embeddings", type=int, default=0, metavar="N",
                    help="at the end, every network's pooled features of the first N test images (with labels and "
                         "thumbnails) to TensorBoard's projector (0 = off)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm), "
+                        "as one process on the whole batch computes them; ignored in one process")
     return g
 
 
@@ -126,6 +129,10 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                    help="how long a process waits for the others in a collective (set-up, all-reduce, barrier) "
                         "before the run fails; must exceed the longest work one rank does alone, e.g. writing "
                         "a checkpoint")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step's forward and loss (the first steps compile, "
+                        "for a minute or more; checkpoints stay the same; inductor needs Triton on CUDA, "
+                        "a C++ compiler on CPU)")
     g.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads per process (0 = torch's default; 1 is steadier on a shared machine)")
     g.add_argument("--deterministic", action="store_true",

@@ -20,11 +20,12 @@ class InBatchContrast:
     def __init__(self, tau: float, kd_T: float) -> None:
         self.tau = tau
         self.kd_T = kd_T
+        self.losses = sup_mcl_losses  # --compile replaces it with its compiled version
 
     def __call__(self, embeddings: List[torch.Tensor], batch) -> MCLLosses:
         labels = all_gather_nograd(batch.targets)
         gathered = [all_gather_grad(e) for e in embeddings]
-        return sup_mcl_losses(gathered, labels, self.tau, self.kd_T)
+        return self.losses(gathered, labels, self.tau, self.kd_T)
 
 
 class MemoryContrast(nn.Module):
@@ -45,6 +46,7 @@ class MemoryContrast(nn.Module):
         self.tau = tau
         self.kd_T = kd_T
         self.momentum = momentum
+        self.losses = memory_mcl_losses  # --compile replaces it with its compiled version
         generator = torch.Generator().manual_seed(seed)
         for n in range(number_net):
             self.register_buffer(f"memory_{n}", init_memory(n_data, feat_dim, generator=generator))
@@ -56,8 +58,7 @@ class MemoryContrast(nn.Module):
 
     def forward(self, embeddings: List[torch.Tensor], batch) -> MCLLosses:
         """embeddings: N (B, feat_dim) L2-normalised; batch.pos_idx (B, 1+pos_k), batch.neg_idx (B, neg_k)."""
-        return memory_mcl_losses(embeddings, self.memories, batch.pos_idx, batch.neg_idx,
-                                 self.tau, self.kd_T)
+        return self.losses(embeddings, self.memories, batch.pos_idx, batch.neg_idx, self.tau, self.kd_T)
 
     @torch.no_grad()
     def after_step(self, embeddings: List[torch.Tensor], batch) -> None:

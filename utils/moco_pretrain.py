@@ -18,6 +18,7 @@ from utils.checkpoint import latest_checkpoint_path, link_checkpoint
 from utils.knn import knn_top1
 from utils.method import Method, StepResult
 from utils.precision import Precision
+from utils.step_module import compiled_function
 
 TERMS = ("loss", "vcl", "soft_vcl", "icl", "soft_icl")
 
@@ -40,6 +41,7 @@ class MocoMethod(Method):
         self.args, self.model, self.ddp_model = args, model, ddp_model
         self.device, self.precision, self.knn = device, precision, knn
         self.num_heads = model.number_net
+        self.losses = compiled_function(moco_mcl_losses, getattr(args, "compile", False))
 
     def to_device(self, raw: Any) -> Tuple[Tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         images, _ = raw
@@ -61,7 +63,7 @@ class MocoMethod(Method):
         # The encoders' fc heads are float32 (models/moco.py); queues, logits and losses too.
         queries, keys = [q.float() for q in queries], [k.float() for k in keys]
         # The losses read the queues as they were before this step's keys; enqueue comes after the update.
-        terms = moco_mcl_losses(queries, keys, self.model.queue, args.moco_t, args.kd_T)
+        terms = self.losses(queries, keys, self.model.queue, args.moco_t, args.kd_T)
         loss = terms.vcl + terms.soft_vcl + terms.icl + terms.soft_icl
         named = {"loss": loss, **terms._asdict()}
         with torch.no_grad():

@@ -15,9 +15,10 @@ from utils.checkpoint import (best_checkpoint_path, check_compatible, flag_of_fi
                               load_checkpoint, remove_stale_temporaries, seed_everything)
 from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, refuse_data_parallel, run_in_group, visible_devices_for
-from utils.loop import LoopConfig, RunLoop, already_finished, wrap_ddp
+from utils.loop import LoopConfig, RunLoop, already_finished
 from utils.precision import Precision, validate_precision
 from utils.run_files import check_run_dir_free, ensure_writable_dir, lock_run_dir
+from utils.step_module import compiled_function, step_module
 from utils.supervised import CohortWithHeads, SupervisedMethod, evaluate_cohort
 
 
@@ -68,7 +69,7 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "evaluate", "evaluate_checkpoint", "overwrite",  # paths and what to do
     "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "dist_timeout", "world_size", "rank",
     "multiprocessing_distributed", "num_workers", "workers", "threads", "deterministic",  # where it runs
-    "amp", "fast", "channels_last",  # precision and memory layout
+    "amp", "fast", "channels_last", "compile", "sync_bn",  # precision, memory layout, compilation, BN sync
     "no_progress", "print_freq", "save_every_steps", "max_train_batches", "max_eval_batches", "eval_batch_size",
     "knn_k", "knn_t",  # reporting, checkpoints, smoke-run caps, the kNN monitor
     "wandb", "tb_embeddings",  # dashboards
@@ -284,7 +285,10 @@ def supervised_loop(args: Any, ctx: Any, plan: RunPlan, model: nn.Module, optimi
                     meta: Dict[str, Any]):
     """The run loop of main_cifar.py / main_imagenet.py, resumed from ``plan.ckpt`` when there is one."""
     precision = Precision(args.amp, args.channels_last)
-    method = SupervisedMethod(model, wrap_ddp(model, ctx), objective, contrast, eval_data, ctx.device, precision,
+    step = step_module(model, ctx, compile=args.compile, sync_bn=args.sync_bn)
+    if contrast is not None:
+        contrast.losses = compiled_function(contrast.losses, args.compile)
+    method = SupervisedMethod(model, step, objective, contrast, eval_data, ctx.device, precision,
                               args.max_eval_batches, progress=not args.no_progress and ctx.is_main,
                               embeddings=args.tb_embeddings)
     loop = RunLoop(method, optimizer, train_data, ctx, LoopConfig.from_flags(args), precision, logger, plan.run_dir,

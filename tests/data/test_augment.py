@@ -43,7 +43,7 @@ def test_augment_params_pure_and_in_range():
     assert not torch.equal(offsets, augment_params(7, 3, 5, 64)[0])
 
 
-def test_pil_and_tensor_paths_bitwise_equal(data):
+def test_pil_and_tensor_paths_bitwise_equal(data, device):
     images, labels = data
     dataset = CifarTrainDataset(images, labels, MEAN, STD)
     corners = torch.tensor([[0, 0], [8, 8], [0, 8], [8, 0], [4, 4], [3, 7], [0, 0], [8, 8]])
@@ -51,13 +51,14 @@ def test_pil_and_tensor_paths_bitwise_equal(data):
     index = list(range(8))
     keys = [(i, dy, dx, bool(f)) for i, (dy, dx), f in zip(index, corners.tolist(), flips)]
     expected, _ = _pil_batch(dataset, keys)
-    nhwc = torch.from_numpy(images[index])
+    nhwc = torch.from_numpy(images[index]).to(device)
+    corners, flips = corners.to(device), flips.to(device)
     for batch in (nhwc, nhwc.permute(0, 3, 1, 2).contiguous()):
         got = augment_batch(batch, corners, flips, MEAN, STD)
-        assert got.shape == (8, 3, 32, 32) and got.dtype == torch.float32
-        assert torch.equal(got, expected)
+        assert got.shape == (8, 3, 32, 32) and got.dtype == torch.float32 and got.device == device
+        assert torch.equal(got.cpu(), expected)
     last = augment_batch(nhwc, corners, flips, MEAN, STD, channels_last=True)
-    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, expected)
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last.cpu(), expected)
     half = augment_batch(nhwc, corners, flips, MEAN, STD, out_dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
 

@@ -103,13 +103,13 @@ def grad_or_zero(value, inputs):
     return torch.zeros_like(inputs) if grad is None else grad
 
 
-def assert_matches_slow(n, labels, seed=0):
+def assert_matches_slow(n, labels, seed=0, device=torch.device("cpu")):
     raw = random_raw(n, batch=len(labels), seed=seed)
-    got = sup_mcl_losses(normalised(raw), labels, TAU, KD_T)
+    got = sup_mcl_losses([e.to(device) for e in normalised(raw)], labels.to(device), TAU, KD_T)
     want = slow_sup_mcl(normalised(raw), labels, TAU, KD_T)
     assert isinstance(got, MCLLosses)
     for term in TERMS:
-        value = getattr(got, term)
+        value = getattr(got, term).cpu()
         assert value.shape == () and torch.isfinite(value)
         assert abs(value.item() - want[term].item()) < 1e-6, term
         g_got, g_want = grad_or_zero(value, raw), grad_or_zero(want[term], raw)
@@ -120,14 +120,14 @@ def assert_matches_slow(n, labels, seed=0):
 
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_m_per_class_batch_matches_slow(n):
-    assert_matches_slow(n, m_per_class_labels(seed=n), seed=n)
+def test_m_per_class_batch_matches_slow(n, device):
+    assert_matches_slow(n, m_per_class_labels(seed=n), seed=n, device=device)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_random_labels_match_slow(n):
+def test_random_labels_match_slow(n, device):
     gen = torch.Generator().manual_seed(10 + n)
-    assert_matches_slow(n, torch.randint(0, 3, (8,), generator=gen), seed=10 + n)
+    assert_matches_slow(n, torch.randint(0, 3, (8,), generator=gen), seed=10 + n, device=device)
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -93,9 +93,10 @@ def normalised(raw):
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("pos_k", [1, 2])
-def test_every_term_matches_slow(n, pos_k):
+def test_every_term_matches_slow(n, pos_k, device):
     raw, memories, pos_idx, neg_idx = make_inputs(n, pos_k, seed=10 * n + pos_k)
-    got = memory_mcl_losses(normalised(raw), memories, pos_idx, neg_idx, TAU, KD_T)
+    got = memory_mcl_losses([e.to(device) for e in normalised(raw)], [m.to(device) for m in memories],
+                            pos_idx.to(device), neg_idx.to(device), TAU, KD_T)
     want = slow_memory_mcl(normalised(raw), memories, pos_idx, neg_idx, TAU, KD_T)
     assert isinstance(got, MCLLosses)
     for term in TERMS:

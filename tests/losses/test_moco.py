@@ -52,10 +52,10 @@ def random_inputs(n, b, d, k, seed=0):
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-def test_losses_match_slow_formulas(n):
+def test_losses_match_slow_formulas(n, device):
     T, kd_T = 0.2, 3.0
     queries, keys, queues = random_inputs(n, b=5, d=4, k=7, seed=n)
-    got = moco_mcl_losses(queries, keys, queues, T, kd_T)
+    got = moco_mcl_losses([q.to(device) for q in queries], [k.to(device) for k in keys], queues.to(device), T, kd_T)
 
     A = [[slow_logits(queries[a], keys[b], queues[b], T) for b in range(n)] for a in range(n)]
     vcl = sum(slow_ce0(A[i][i]) for i in range(n))

@@ -142,10 +142,10 @@ def test_branched_cohort_has_shared_stem_plus_n_branches(name, number_net):
 
 
 @pytest.mark.parametrize("name", CIFAR_ARCHS)
-def test_cifar_forward_shapes(name):
+def test_cifar_forward_shapes(name, device):
     skip_if_unregistered(name)
     with torch.no_grad():
-        logits, feature = single_net(name)(torch.randn(2, 3, 32, 32))
+        logits, feature = single_net(name).to(device)(torch.randn(2, 3, 32, 32, device=device))
     assert logits.shape == (2, 100)
     assert feature.shape == (2, TABLE[name][3])
 

@@ -75,3 +75,21 @@ def test_convolutions_profile_reports_the_time_in_convolutions(capsys):
     assert summary["convolution_ratio"] == lines[2]["convolution_ms_per_step"] / lines[3]["convolution_ms_per_step"]
     bound = lines[0]["s_per_step"] / (lines[1]["s_per_step"] * lines[3]["convolution_fraction"])
     assert abs(summary["ratio_bound_convolutions_only"] - bound) < 1e-9
+
+
+def test_default_modes_add_the_compiled_fast_path_on_cuda_only():
+    module = load_benchmark_module()
+    assert module.parse_modes(None, torch.device("cpu")) == ["reference", "fast"]
+    assert module.parse_modes(None, torch.device("cuda")) == ["reference", "fast", "fast_compile"]
+    assert module.parse_modes("fast_compile", torch.device("cpu")) == ["fast_compile"]
+
+
+def test_ratios_of_the_compiled_fast_path():
+    rounds = {"reference": [10.0, 20.0], "fast": [30.0, 40.0], "fast_compile": [60.0, 60.0]}
+    results = {mode: {"images_per_s": sum(r) / 2, "images_per_s_rounds": r, "images_per_s_best": max(r)}
+               for mode, r in rounds.items()}
+    ratios = load_benchmark_module().ratios(results)
+    assert ratios["ratio_fast_over_reference"] == 35.0 / 15.0
+    assert ratios["ratio_fast_compile_over_reference"] == 60.0 / 15.0
+    assert ratios["ratio_fast_compile_over_fast"] == 60.0 / 35.0
+    assert set(load_benchmark_module().ratios({"fast": results["fast"]})) == set()

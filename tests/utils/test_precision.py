@@ -42,19 +42,19 @@ def test_projection_head_is_float32_under_autocast_and_equals_the_float32_head()
     assert torch.allclose(out.norm(dim=1), torch.ones(8), atol=1e-6)
 
 
-def test_cohort_backbones_in_bf16_embeddings_and_mcl_logits_in_float32():
+def test_cohort_backbones_in_bf16_embeddings_and_mcl_logits_in_float32(device):
     torch.manual_seed(0)
     cohort = build_cohort("resnet32", 2, num_classes=4)
-    model = CohortWithHeads(cohort, build_projection_heads(cohort.feature_dims, 16))
-    x = torch.randn(8, 3, 32, 32)
-    with torch.autocast(**BF16):
+    model = CohortWithHeads(cohort, build_projection_heads(cohort.feature_dims, 16)).to(device)
+    x = torch.randn(8, 3, 32, 32, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         logits, features, embeddings = model(x)
     assert all(z.dtype == torch.bfloat16 for z in logits)
     assert all(f.dtype == torch.bfloat16 for f in features)
     assert all(e.dtype == torch.float32 for e in embeddings)
     blocks = similarity_blocks(embeddings, 0.1)
     assert all(b.dtype == torch.float32 for row in blocks for b in row)
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3], device=device)
     terms = sup_mcl_losses(embeddings, labels, 0.1, 3.0)
     assert all(t.dtype == torch.float32 for t in terms)
     sum(terms).backward()
