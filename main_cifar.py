@@ -2,7 +2,8 @@
 
     python main_cifar.py --arch resnet32 --number-net 2 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.
 
-trains MCL(x2) on CIFAR-100 as the paper did. Several processes:
+trains MCL(x2) on CIFAR-100 as the paper did; ``--method lmcl`` trains L-MCL (layer-wise MCL with
+meta-learned weights, Yang et al., TPAMI 2023) with the authors' defaults. Several processes:
 ``torchrun --nproc_per_node=K main_cifar.py ...`` (--batch-size stays the global batch).
 """
 import argparse
@@ -14,10 +15,13 @@ import torch
 from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
                            load_arrays)
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
+from utils.args import (LMCL_CIFAR_DEFAULTS, HelpFormatter, add_common_additions, add_lmcl_args,
+                        add_original_training_args, apply_fast, apply_method_defaults, parse_flags)
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
+from utils.lmcl_method import LayerInBatchContrast
+from utils.lmcl_setup import build_lmcl, lmcl_description, lmcl_loop, validate_lmcl_args
 from utils.precision import Precision
 from utils.run_files import RunLogger
 from utils.script_setup import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
@@ -56,18 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-classes", type=int, default=10, help="--dataset synthetic: classes")
     g.add_argument("--synthetic-test-size", type=int, default=None,
                    help="--dataset synthetic: test images (default: a fifth of --synthetic-size)")
+    add_lmcl_args(parser, meta_freq=50, defaults=LMCL_CIFAR_DEFAULTS, memory=False)
     parser.set_defaults(dataset_choices=DATASETS)
     return parser
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = parse_flags(build_parser(), argv)
+    parser = build_parser()
+    args = parse_flags(parser, argv)
+    apply_method_defaults(args, parser, argv, LMCL_CIFAR_DEFAULTS)
     apply_fast(args)
     if args.fast:
         args.data_path = "tensor"
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of {', '.join(DATASETS)}")
-    validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    if args.method == "lmcl":
+        validate_lmcl_args(args)
+    else:
+        validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     return args
 
 
@@ -106,16 +116,22 @@ def main(argv: Optional[List[str]] = None) -> int:
                           argv)
 
 
-def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
-    data = load_data(args)
-    check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
-    objective = Objective.from_flags(args)
-    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
-    train_data, test_data = build_cifar_loaders(
+def build_loaders(args: argparse.Namespace, ctx: du.DistContext, data: ArrayData):
+    return build_cifar_loaders(
         data, path=args.data_path, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
         m_per_class=args.m_per_class, visit_all=args.visit_all, seed=args.manual_seed, rank=ctx.rank,
         world_size=ctx.world_size, device=ctx.device, num_workers=args.num_workers,
         channels_last=args.channels_last)
+
+
+def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
+    data = load_data(args)
+    check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
+    if args.method == "lmcl":
+        return train_lmcl(args, ctx, plan, data)
+    objective = Objective.from_flags(args)
+    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
+    train_data, test_data = build_loaders(args, ctx, data)
 
     logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
     config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
@@ -127,6 +143,24 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
         logger.write_config(config)
         logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
                     f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images")
+    return loop.fit()
+
+
+def train_lmcl(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan, data: ArrayData) -> int:
+    """--method lmcl: L-MCL with the in-batch layer-wise contrast."""
+    cohort, model, weight_net, optimizer, weight_optimizer = build_lmcl(args, data.num_classes, ctx.device)
+    train_data, test_data = build_loaders(args, ctx, data)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
+    config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
+            "topology": plan.topology, "num_classes": data.num_classes}
+    loop = lmcl_loop(args, ctx, plan, model, weight_net, optimizer, weight_optimizer,
+                     LayerInBatchContrast(args.tau, args.kd_T), train_data, test_data, logger, meta)
+    if ctx.is_main:
+        logger.write_config(config)
+        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
+                    f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images; "
+                    f"{lmcl_description(model, weight_net)}")
     return loop.fit()
 
 

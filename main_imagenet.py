@@ -2,7 +2,9 @@
 
     python main_imagenet.py --arch resnet18 --number-net 2 --alpha 0.1 --gamma 1. --beta 0.1 --lam 1.
 
-trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did. Several processes:
+trains MCL(x2) on ./data/ImageNet/{train,val} as the paper did; ``--method lmcl`` trains L-MCL
+(layer-wise MCL with meta-learned weights against memory banks, Yang et al., TPAMI 2023) with the
+authors' defaults. Several processes:
 ``torchrun --nproc_per_node=K main_imagenet.py ...`` (--batch-size stays the global batch;
 the memory banks are kept identical on every process).
 """
@@ -14,10 +16,13 @@ import torch
 
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
 from utils import distributed as du
-from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
+from utils.args import (LMCL_IMAGENET_DEFAULTS, HelpFormatter, add_common_additions, add_lmcl_args,
+                        add_original_training_args, apply_fast, apply_method_defaults, parse_flags)
 from utils.cli import run_main
 from utils.contrast import MemoryContrast
 from utils.errors import CheckpointError, ConfigError, DatasetError
+from utils.lmcl_method import LayerMemoryContrast
+from utils.lmcl_setup import build_lmcl, lmcl_description, lmcl_loop, validate_lmcl_args
 from utils.precision import Precision
 from utils.run_files import RunLogger
 from utils.script_setup import (RunPlan, build_model_and_optimizer, check_resume_classes, evaluate_saved_cohort,
@@ -54,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--detach-ensemble", action="store_true",
                    help="detach the ensemble in --logit-distill (off: the original's ImageNet script lets the "
                         "gradient flow through the ensemble; its CIFAR script detaches)")
+    add_lmcl_args(parser, meta_freq=500, defaults=LMCL_IMAGENET_DEFAULTS, memory=True)
     # Checkpoints hold the memory banks (N x 1.28M x 128 floats on ImageNet-1k, 0.66 GB per
     # network): save mid-epoch every 1000 steps rather than the CIFAR script's 100.
     parser.set_defaults(save_every_steps=1000)
@@ -61,9 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = parse_flags(build_parser(), argv)
+    parser = build_parser()
+    args = parse_flags(parser, argv)
+    apply_method_defaults(args, parser, argv, LMCL_IMAGENET_DEFAULTS)
     apply_fast(args)
-    validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    if args.method == "lmcl":
+        validate_lmcl_args(args)
+    else:
+        validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     return args
 
 
@@ -115,9 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     objective = Objective.from_flags(args, imagenet=True)
+    uses_contrast = objective.uses_contrast or args.method == "lmcl"
     train_data, info = build_train_data(
         args.data, image_size=args.image_size, batch_size=args.batch_size, pos_k=args.pos_k,
-        neg_k=args.neg_k if objective.uses_contrast else 0, seed=args.manual_seed, rank=ctx.rank,
+        neg_k=args.neg_k if uses_contrast else 0, seed=args.manual_seed, rank=ctx.rank,
         world_size=ctx.world_size, num_workers=args.num_workers, device=ctx.device,
         progress=not args.no_progress and ctx.is_main)
     eval_bs = args.eval_batch_size or 2 * args.batch_size
@@ -125,11 +137,13 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
                                              rank=ctx.rank, world_size=ctx.world_size,
                                              num_workers=args.num_workers, device=ctx.device)
     check_same_classes(info.classes, val_classes, args.data)
-    if objective.uses_contrast:
+    if uses_contrast:
         check_contrast_data(info, args.pos_k)
     check_resume_classes(plan, info.num_classes, args.data)
     if plan.ckpt is not None:
         check_banks_fit(plan.ckpt, plan.resume_path, info.n_data)
+    if args.method == "lmcl":
+        return train_lmcl(args, ctx, plan, info, train_data, val_data)
 
     cohort, model, optimizer = build_model_and_optimizer(args, info.num_classes, objective.uses_contrast, ctx.device)
     contrast = None
@@ -151,6 +165,28 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
             banks = f"; memory banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB)"
         logger.text(f"{start_description(cohort, args.image_size, ctx, plan.run_dir, plan, loop)}; "
                     f"{info.num_classes} classes, {info.n_data} train / {len(val_data.dataset)} val images{banks}")
+    return loop.fit()
+
+
+def train_lmcl(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan, info: TrainSetInfo, train_data: Any,
+               val_data: Any) -> int:
+    """--method lmcl: L-MCL against one memory bank per network."""
+    cohort, model, weight_net, optimizer, weight_optimizer = build_lmcl(args, info.num_classes, ctx.device)
+    contrast = LayerMemoryContrast(args.number_net, info.n_data, args.feat_dim, args.tau, args.kd_T, args.nce_m,
+                                   args.vcl_partner_memory, seed=args.manual_seed).to(ctx.device)
+    logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
+    config = run_config(args, plan.topology, info, ctx.world_size)
+    meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
+            "topology": plan.topology, "num_classes": info.num_classes}
+    loop = lmcl_loop(args, ctx, plan, model, weight_net, optimizer, weight_optimizer, contrast, train_data,
+                     val_data, logger, meta)
+    if ctx.is_main:
+        logger.write_config(config)
+        size = args.number_net * info.n_data * args.feat_dim * 4 / 2 ** 20
+        logger.text(f"{start_description(cohort, args.image_size, ctx, plan.run_dir, plan, loop)}; "
+                    f"{info.num_classes} classes, {info.n_data} train / {len(val_data.dataset)} val images; memory "
+                    f"banks {args.number_net} x {info.n_data} x {args.feat_dim} ({size:.1f} MiB); "
+                    f"{lmcl_description(model, weight_net)}")
     return loop.fit()
 
 

@@ -25,6 +25,8 @@ from utils.run_dirs import infer_script
 from utils.state_keys import (cohort_topology, drop_module, network_state_from_cohort_keys,
                               splitnet_to_torchvision_keys, strip_ddp_prefix, take_prefix)
 
+from .lmcl import cohort_member_plain_state
+
 FC_KEYS = ("fc.weight", "fc.bias")
 SPLITNET_KEYS = "splitnet"  # models.get_model(arch, num_classes)
 TORCHVISION_KEYS = "torchvision"  # torchvision.models.<arch>
@@ -121,7 +123,10 @@ def network_state(ckpt: Dict[str, Any], index: int, path: str) -> NetworkState:
         return NetworkState(state, arch, TORCHVISION_KEYS, f"query encoder {index}", projection_head="fc")
     if script == "main_lincls":
         return NetworkState(_lincls_classifier(model_state, path), arch, TORCHVISION_KEYS, "linear classifier")
-    state = network_state_from_cohort_keys(model_state, cohort_topology(model_state), index)
+    if ckpt.get("method") == "lmcl":  # without its auxiliary branches: the plain network
+        state = cohort_member_plain_state(model_state, index)
+    else:
+        state = network_state_from_cohort_keys(model_state, cohort_topology(model_state), index)
     if not state:
         raise CheckpointError(f"{path} holds no weights for network {index}")
     return NetworkState(state, arch, SPLITNET_KEYS, f"supervised network {index}")

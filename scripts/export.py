@@ -28,7 +28,8 @@ main_moco_mcl.py, main_lincls.py) as a dict
 format "mcl-network" (default): load with
   net = models.get_model(d["arch"], d["num_classes"]); net.load_state_dict(d["state_dict"])
   (strict; net(x) returns (logits, feature)). A network of a branched cohort gets
-  the shared stem, so it runs alone.
+  the shared stem, so it runs alone; a network of an L-MCL run (--method lmcl)
+  is written without its auxiliary branches (the plain network, its final head).
 format "torchvision" (--torchvision, MoCo and linear-evaluation checkpoints): load with
   net = torchvision.models.get_model(d["arch"], num_classes=d["num_classes"])
   net.load_state_dict(d["state_dict"])       # strict

@@ -30,7 +30,8 @@ single run) of a table laid out like the paper's: a row per architecture, a
 column per setting. Baseline = contrastive weights alpha, gamma, beta, lam all 0
 and no --logit-distill; MCL(×N) = N networks with the weights; MCL(×N)+Logit KD
 with --logit-distill; other configurations get a descriptive name (an ablation
-names its losses; keys that differ within a row are appended as key=value).
+names its losses; keys that differ within a row are appended as key=value);
+L-MCL(×N) = main_cifar.py / main_imagenet.py --method lmcl.
 Linear evaluations take the setting of the pre-training run whose config.json
 sits beside the --pretrained checkpoint.
 
@@ -39,6 +40,9 @@ Metrics (from metrics.jsonl, summary.json only as a fallback):
          network's test top-1 (what the paper's tables and the original report)
   last   last-epoch test top-1 averaged over the networks of the cohort
   ensemble  last-epoch test top-1 of the ensemble (mean of the networks' logits)
+         (L-MCL runs: all three from each network's final head, the network itself)
+  aggregated  L-MCL runs only: last-epoch test top-1 of each network's aggregated
+         logits (its aggregator over all stages), averaged over the networks
   nll, ece  calibration at the last evaluated epoch, averaged over the networks:
          negative log-likelihood (nats) and expected calibration error (%, 15
          equal-width confidence bins); lower is better

@@ -6,9 +6,11 @@ supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
 ``--help`` shows which is which.
 """
 import argparse
+import copy
 import math
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 from models.registry import registered_names
 from utils import distributed as du
@@ -154,6 +156,70 @@ def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                         "wandb; WANDB_MODE=offline works without a network)")
 
 
+# ----------------------------------------------------------------------------- L-MCL (--method lmcl)
+
+METHODS = ("mcl", "lmcl")
+
+# The authors' L-MCL defaults (their main_layer_mcl_{cifar,imagenet}_meta.py) where they differ from
+# this script's MCL defaults; --method lmcl applies them to every flag the command line leaves out.
+LMCL_CIFAR_DEFAULTS = {"alpha": 0.1, "gamma": 1.0, "beta": 0.1, "lam": 1.0}
+LMCL_IMAGENET_DEFAULTS = {"alpha": 0.01, "gamma": 1.0, "beta": 0.01, "lam": 1.0, "epochs": 100}
+
+
+def add_lmcl_args(parser: argparse.ArgumentParser, *, meta_freq: int, defaults: Dict[str, float],
+                  memory: bool) -> None:
+    """--method and the flags of L-MCL (Yang et al., TPAMI 2023), in their own --help group.
+
+    ``defaults``: what --method lmcl changes when the flag is not given (named in the help);
+    ``memory``: the ImageNet script (memory banks) also gets --vcl-partner-memory.
+    """
+    changed = ", ".join(f"--{k} {v:g}" for k, v in defaults.items())
+    g = parser.add_argument_group(
+        "L-MCL (--method lmcl)",
+        "layer-wise MCL with auxiliary branches, an aggregator and meta-learned pair weights. Unless given, "
+        f"--method lmcl uses the authors' defaults: {changed} (the other defaults are already theirs)")
+    g.add_argument("--method", default="mcl", choices=METHODS,
+                   help="mcl: MCL (the paper); lmcl: L-MCL (every network gets auxiliary branches; --arch must "
+                        "have an L-MCL variant, --number-net 2 or more, independent networks)")
+    g.add_argument("--meta-freq", type=int, default=meta_freq, metavar="N",
+                   help="L-MCL: a meta step (the weight network's update) after every N-th training step of an "
+                        "epoch, its first included (the authors' default)")
+    g.add_argument("--times", type=int, default=2, metavar="N",
+                   help="L-MCL: virtual inner steps on the weighted contrastive loss before the virtual "
+                        "cross-entropy step of the meta step")
+    g.add_argument("--exact-hypergradient", action="store_true",
+                   help="L-MCL: differentiate through the virtual steps exactly (off: the authors' recursion, "
+                        "which leaves out the weight-decay factor on the momentum term; it defines their "
+                        "numbers and differs by a few percent of the hypergradient)")
+    g.add_argument("--restore-bn-after-meta", action="store_true",
+                   help="L-MCL: leave BatchNorm running statistics as the normal update left them (off: as in "
+                        "the authors' code, the meta step's forward at the updated weights moves them once more)")
+    if memory:
+        g.add_argument("--vcl-partner-memory", action="store_true",
+                       help="L-MCL: VCL of network j's embedding reads network j's memory bank (off: the authors' "
+                            "code reads network i's bank for both views of a pair)")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> Set[str]:
+    """Destinations of the flags ``argv`` (default: this process's command line) sets explicitly."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return set(vars(probe.parse_args(sys.argv[1:] if argv is None else list(argv))))
+
+
+def apply_method_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                          argv: Optional[Sequence[str]], defaults: Dict[str, Any]) -> None:
+    """--method lmcl: ``defaults`` for every flag of ``defaults`` the command line leaves out."""
+    if getattr(args, "method", "mcl") != "lmcl":
+        return
+    given = given_flags(parser, argv)
+    for dest, value in defaults.items():
+        if dest not in given:
+            setattr(args, dest, value)
+
+
 def apply_fast(args: argparse.Namespace) -> None:
     """--fast: bf16 autocast (unless --amp says otherwise) and channels_last."""
     if args.fast:
@@ -252,7 +318,7 @@ NUMERIC_RULES: Dict[str, Rule] = {
     "synthetic_test_size": AT_LEAST_1, "rep_dim": AT_LEAST_1, "pos_k": AT_LEAST_1, "neg_k": AT_LEAST_1,
     "moco_dim": AT_LEAST_1, "moco_k": AT_LEAST_1, "print_freq": AT_LEAST_1, "knn_k": AT_LEAST_1,
     "image_size": Rule("at least 16", lambda v: v >= 16), "steps": AT_LEAST_1, "repeats": AT_LEAST_1,
-    "jobs": AT_LEAST_1,
+    "jobs": AT_LEAST_1, "meta_freq": AT_LEAST_1, "times": AT_LEAST_1,
     # 0 = none, no cap, the default or all
     "num_workers": AT_LEAST_0, "workers": AT_LEAST_0, "eval_batch_size": AT_LEAST_0, "threads": AT_LEAST_0,
     "save_every_steps": AT_LEAST_0, "max_train_batches": AT_LEAST_0, "max_eval_batches": AT_LEAST_0,

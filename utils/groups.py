@@ -26,6 +26,11 @@ BOOKKEEPING_KEYS = frozenset({
     "channels_last", "data_path", "fast", "deterministic",
 })
 
+# Flags of L-MCL only (--method lmcl): no part of what an MCL run (method "mcl", or a config from before
+# --method existed) trained.
+LMCL_ONLY_KEYS = frozenset({"method", "meta_freq", "times", "exact_hypergradient", "restore_bn_after_meta",
+                            "vcl_partner_memory"})
+
 WEIGHT_KEYS = ("alpha", "gamma", "beta", "lam")
 LOSS_OF_WEIGHT = {"alpha": "VCL", "gamma": "Soft VCL", "beta": "ICL", "lam": "Soft ICL"}
 
@@ -79,6 +84,7 @@ def base_setting(config: Dict[str, Any], script: Optional[str] = None) -> str:
     Baseline: every contrastive weight (alpha, gamma, beta, lam) 0 and no logit
     distillation; MCL(×N): N networks with all four weights; "+Logit KD" with
     --logit-distill; an ablation names its losses, e.g. "MCL(×2) [VCL+ICL]".
+    --method lmcl: "L-MCL(×N)", an ablation likewise "L-MCL(×2) [ICL+Soft ICL]".
     MoCo pre-training: "MoCo" for one network, "MCL(×N)" for a cohort.
     """
     script = script or infer_script(config)
@@ -86,6 +92,11 @@ def base_setting(config: Dict[str, Any], script: Optional[str] = None) -> str:
     if script == "main_moco_mcl":
         return "MoCo" if number_net == 1 else f"MCL(×{number_net})"
     used = [k for k in WEIGHT_KEYS if _number(config.get(k)) != 0]
+    if config.get("method") == "lmcl":
+        label = f"L-MCL(×{number_net})"
+        if len(used) < len(WEIGHT_KEYS):
+            label += " [" + ("+".join(LOSS_OF_WEIGHT[k] for k in used) or "no contrast") + "]"
+        return label
     distill = bool(config.get("logit_distill"))
     if not used:
         return f"Logit KD(×{number_net})" if distill else "Baseline"
@@ -113,6 +124,8 @@ def canonical(value: Any) -> str:
 
 def _identity_items(config: Dict[str, Any], ignore: Iterable[str]) -> Dict[str, Any]:
     skipped = set(BOOKKEEPING_KEYS) | set(SEED_KEYS) | set(ignore)
+    if config.get("method", "mcl") == "mcl":
+        skipped |= LMCL_ONLY_KEYS
     return {k: v for k, v in config.items() if k not in skipped}
 
 

@@ -35,9 +35,9 @@ def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: floa
 
 
 def default_run_name(dataset: str, arch: str, number_net: int, topology: str, alpha: float, gamma: float,
-                     beta: float, lam: float, logit_distill: bool, seed: int) -> str:
-    """e.g. cifar100_resnet32_n2_independent_a0.1_g1.0_b0.1_l1.0_seed0."""
-    name = (f"{dataset}_{arch.replace(',', '+')}_n{number_net}_{topology}"
+                     beta: float, lam: float, logit_distill: bool, seed: int, method: str = "mcl") -> str:
+    """e.g. cifar100_resnet32_n2_independent_a0.1_g1.0_b0.1_l1.0_seed0 (L-MCL: ..._independent_lmcl_a0.1...)."""
+    name = (f"{dataset}_{arch.replace(',', '+')}_n{number_net}_{topology}{'_lmcl' if method == 'lmcl' else ''}"
             f"_a{alpha:g}_g{gamma:g}_b{beta:g}_l{lam:g}")
     if logit_distill:
         name += "_kd"
@@ -174,7 +174,12 @@ def cohort_description(model: nn.Module) -> Tuple[int, str]:
 def evaluate_saved_cohort(ckpt: Dict[str, Any], path: str, eval_data: Any, device: torch.device, precision: Any,
                           max_batches: int, data_description: str, is_main: bool, progress: bool = False) -> int:
     """--evaluate: rebuild the cohort of ``ckpt``, print top-1/top-5, NLL and ECE of every network and the
-    ensemble."""
+    ensemble (an L-MCL checkpoint: utils.lmcl_setup.evaluate_saved_lmcl)."""
+    if ckpt.get("method") == "lmcl":
+        from utils.lmcl_setup import evaluate_saved_lmcl
+
+        return evaluate_saved_lmcl(ckpt, path, eval_data, device, precision, max_batches, data_description,
+                                   is_main, progress)
     cohort = build_cohort(ckpt["arch"], ckpt["number_net"], ckpt["num_classes"], ckpt["topology"]).to(device)
     cohort.load_state_dict(ckpt["model"])
     if precision.channels_last:
@@ -213,10 +218,13 @@ def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.Argum
         torch.set_num_threads(args.threads)
     configure_determinism(args.deterministic, ctx.device)
     seed_everything(args.manual_seed)
-    topology = resolve_topology(args.cohort, parse_arch_names(args.arch, args.number_net))
+    method = getattr(args, "method", "mcl")
+    # L-MCL networks are always independent (each with its own auxiliary branches).
+    topology = "independent" if method == "lmcl" else resolve_topology(args.cohort,
+                                                                       parse_arch_names(args.arch, args.number_net))
     run_name = args.run_name or default_run_name(args.dataset, args.arch, args.number_net, topology, args.alpha,
                                                  args.gamma, args.beta, args.lam, args.logit_distill,
-                                                 args.manual_seed)
+                                                 args.manual_seed, method)
     plan = RunPlan(topology, os.path.join(args.checkpoint_dir, run_name))
     if args.evaluate:
         return plan

@@ -7,6 +7,10 @@ Metrics of one run: three of test top-1 %,
 - ``last``: the honest one, the last epoch's test top-1 averaged over networks;
 - ``ensemble``: the last epoch's test top-1 of the ensemble (mean of the logits);
 
+one of L-MCL runs only: ``aggregated``, the last epoch's test top-1 of every network's
+aggregated logits (its aggregator over all its stages), averaged over networks (the three
+above use each network's final head, the network itself);
+
 and four of calibration at the last evaluated epoch (lower is better): ``nll`` and ``ece``
 averaged over the networks, ``ensemble_nll`` and ``ensemble_ece`` of the ensemble
 (negative log-likelihood in nats; expected calibration error in %, 15 confidence bins).
@@ -30,6 +34,8 @@ METRIC_DESCRIPTIONS = {
     "paper": "best single network at its best epoch (the paper's and the original's headline number)",
     "last": "last-epoch test top-1 averaged over the networks of the cohort",
     "ensemble": "last-epoch test top-1 of the ensemble (mean of the networks' logits)",
+    "aggregated": "L-MCL only: last-epoch test top-1 of each network's aggregated logits (its aggregator over "
+                  "all stages) averaged over the networks",
     "nll": "last-epoch test negative log-likelihood averaged over the networks of the cohort",
     "ece": "last-epoch test expected calibration error (15 confidence bins) averaged over the networks",
     "ensemble_nll": "last-epoch test negative log-likelihood of the ensemble",
@@ -102,6 +108,11 @@ def _last_test_value(run: Run, key: str, summary_key: str, mean_over_networks: b
     return _summary_number(run, summary_key)
 
 
+def aggregated_metric(run: Run) -> Optional[float]:
+    """L-MCL: mean over networks of the last evaluated epoch's aggregated top-1 (%); None for other runs."""
+    return _last_test_value(run, "agg_top1", "last_mean_agg_top1", True)
+
+
 def nll_metric(run: Run) -> Optional[float]:
     """Mean over networks of the last evaluated epoch's test NLL (nats)."""
     return _last_test_value(run, "nll", "last_mean_nll", True)
@@ -122,7 +133,8 @@ def ensemble_ece_metric(run: Run) -> Optional[float]:
     return _last_test_value(run, "ens_ece", "last_ens_ece", False)
 
 
-METRIC_FUNCTIONS = {"paper": paper_metric, "last": last_metric, "ensemble": ensemble_metric, "nll": nll_metric,
+METRIC_FUNCTIONS = {"paper": paper_metric, "last": last_metric, "ensemble": ensemble_metric,
+                    "aggregated": aggregated_metric, "nll": nll_metric,
                     "ece": ece_metric, "ensemble_nll": ensemble_nll_metric, "ensemble_ece": ensemble_ece_metric}
 
 

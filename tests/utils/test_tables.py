@@ -101,3 +101,33 @@ def test_calibration_metrics_table_nll_and_ece(tmp_path, capsys):
     row = read_csv(out)["MCL(×2)"]
     assert float(row["mean"]) == pytest.approx(1.1) and row["n"] == "2"  # (0.9 + 1.3) / 2
     assert tables.nll_metric(load_run(os.path.join(root, "mcl_s1"))) == pytest.approx(1.5)
+
+
+def test_lmcl_runs_get_their_column_and_the_aggregated_metric(tmp_path, capsys):
+    """L-MCL runs form an "L-MCL(×2)" column; MCL runs written with the L-MCL flags in their config (method
+    "mcl") group with MCL runs from before those flags existed."""
+    import json
+
+    from tests.fake_runs import BASE_CONFIG, MCL_WEIGHTS
+
+    root = str(tmp_path)
+    mcl = dict(BASE_CONFIG, **MCL_WEIGHTS)
+    write_run(root, "mcl_old", dict(mcl, manual_seed=0), CURVES[("mcl2", 0)])
+    write_run(root, "mcl_new", dict(mcl, manual_seed=1, method="mcl", meta_freq=50, times=2),
+              CURVES[("mcl2", 1)])
+    lmcl = dict(mcl, method="lmcl", meta_freq=50, times=2, exact_hypergradient=False)
+    write_run(root, "lmcl", dict(lmcl, manual_seed=0), CURVES[("mcl2", 2)])
+    metrics = os.path.join(root, "lmcl", "metrics.jsonl")
+    records = [json.loads(line) for line in open(metrics)]
+    for record in records:
+        record["test"]["agg_top1"] = [80.0, 82.0]
+    with open(metrics, "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    code, out, err = summarize_cli([root, "--metric", "aggregated"], capsys)
+    assert code == 0, err
+    assert "| ResNet-32 | 81.00 (1) |" in out  # MCL runs have no aggregated logits
+    code, out, _ = summarize_cli([root], capsys)
+    assert "| Network | MCL(×2) | L-MCL(×2) |" in out
+    code, out, _ = summarize_cli([root, "--csv"], capsys)
+    rows = read_csv(out)
+    assert rows["MCL(×2)"]["n"] == "2" and rows["L-MCL(×2)"]["n"] == "1"
