@@ -167,7 +167,7 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
             link_final_checkpoint(run_dir, int(ckpt["epoch"]))
         return 0
     model = build_model(args, ctx)
-    ddp_model = wrap_ddp(model, ctx)
+    ddp_model = wrap_ddp(model, ctx, not_broadcast=model.RANK_IDENTICAL_BUFFERS)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sampler_seed = sampler_seed_for(args.seed, ckpt)

@@ -155,7 +155,12 @@ class MoCoMCL(nn.Module):
         rank, world_size: this process in the DDP group; shuffled BN needs them.
 
     Buffers: ``queue`` (N, dim, K), columns L2-normalised; ``queue_ptr`` (N,) long.
+    Under DDP every rank writes the same gathered keys into its queues (:meth:`enqueue`), so
+    the queues stay equal without DDP's buffer broadcast: :attr:`RANK_IDENTICAL_BUFFERS`
+    names them for the wrapper to leave out (N x dim x K floats per step otherwise).
     """
+
+    RANK_IDENTICAL_BUFFERS: Tuple[str, ...] = ("queue", "queue_ptr")
 
     def __init__(
         self,
