@@ -172,51 +172,12 @@ def test_shuffle_and_unshuffle_round_trip_for_two_simulated_ranks(monkeypatch):
         assert torch.equal(batch_unshuffle_ddp(shuffled[rank], idx_unshuffle, rank, 2), local[rank])
 
 
-def _ddp_queue_worker(rank: int, init_file: str, out_dir: str) -> None:
-    """Three DDP steps of a tiny MoCoMCL on 2 gloo ranks, then a forward after rank 1 alone changed
-    its queue and a BatchNorm statistic; saves what the test compares."""
-    import os
 
-    import torch.distributed as dist
-
-    from utils import distributed as du
-    from utils.loop import wrap_ddp
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.manual_seed(0)  # the same weights and queues on both ranks
-    model = tiny_model(queue_size=12, rank=rank, world_size=2)
-    ctx = du.DistContext(rank=rank, world_size=2, distributed=True)
-    ddp = wrap_ddp(model, ctx, not_broadcast=model.RANK_IDENTICAL_BUFFERS)
-    optimizer = torch.optim.SGD(model.encoders_q.parameters(), lr=0.5)
-    torch.manual_seed(1 + rank)  # different images on each rank
-    for _ in range(3):
-        x = torch.randn(4, 3, 6, 6)
-        queries, keys = ddp(x, x.flip(3))
-        optimizer.zero_grad()
-        sum((q[:, 0] - q[:, 1]).pow(2).sum() for q in queries).backward()
-        optimizer.step()
-        model.enqueue(keys)
-    after_steps = {"queue": model.queue.clone(), "ptr": model.queue_ptr.clone()}
-    bn = model.encoders_q[0].bn
-    if rank == 1:  # if DDP broadcast the queues, rank 0's would overwrite this
-        model.queue[0, 0, 0] += 1.0
-        bn.running_mean += 1.0
-    ddp.eval()  # BatchNorm keeps its statistics: what the forward's broadcast left is visible
-    x = torch.randn(4, 3, 6, 6)
-    ddp(x, x)
-    torch.save({**after_steps, "queue_after": model.queue.clone(), "bn_mean": bn.running_mean.clone(),
-                "keys": sorted(model.state_dict())}, os.path.join(out_dir, f"rank{rank}.pt"))
-    del ddp  # a DDP wrapper alive at destroy_process_group can abort the exit
-    du.cleanup(wait_for_all=True)
-
-
-def test_ddp_keeps_queues_out_of_the_buffer_broadcast_and_they_stay_equal(tmp_path):
+def test_ddp_keeps_queues_out_of_the_buffer_broadcast_and_they_stay_equal(moco_two_ranks):
     """Every rank enqueues the gathered keys, so its queues equal the others' without DDP broadcasting
-    N x dim x K floats each step; BatchNorm statistics are still broadcast; checkpoints keep the queues."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ddp_queue_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    N x dim x K floats each step; BatchNorm statistics are still broadcast; checkpoints keep the queues.
+    The two gloo ranks ran tests/moco_ddp_check.py (once for the session)."""
+    r0, r1 = (out["queue"] for out in moco_two_ranks)
     assert r0["ptr"].tolist() == r1["ptr"].tolist() == [0, 0]  # 3 steps x 2 ranks x 4 keys = 24 = 2 K
     assert torch.equal(r0["queue"], r1["queue"])
     assert torch.equal(r0["queue_after"], r0["queue"])
