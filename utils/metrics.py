@@ -1,5 +1,5 @@
 """Accuracy counting and running averages."""
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -70,6 +70,12 @@ class AccuracyCounter:
             return [0] * self.num_heads
         return [int(v) for v in self._counts[row].tolist()]
 
+    def counts(self, device: torch.device) -> torch.Tensor:
+        """Hit counts (2, num_heads), top-1 row then top-5 row, as float64 on ``device``; not read."""
+        if self._counts is None:
+            return torch.zeros(2, self.num_heads, dtype=torch.float64, device=device)
+        return self._counts.to(device=device, dtype=torch.float64)
+
     @property
     def top1(self) -> List[int]:
         return self._row(0)
@@ -88,13 +94,23 @@ class AccuracyCounter:
         self.total = int(state["total"])
 
 
-def reduce_accuracy(counter: AccuracyCounter, device: torch.device, extras: Sequence[float] = ()):
-    """Sum hit counts (and ``extras``) over ranks -> (top1 %, top5 %, total, summed extras)."""
-    packed = torch.tensor(counter.top1 + counter.top5 + [counter.total] + list(extras), dtype=torch.float64,
-                          device=device if device.type == "cuda" else "cpu")  # NCCL needs CUDA tensors
+def _float64_row(value: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(1,) float64 on ``device`` from a number (a fill, no host-to-device copy) or a one-value tensor."""
+    if torch.is_tensor(value):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(1)
+    return torch.full((1,), float(value), dtype=torch.float64, device=device)
+
+
+def reduce_accuracy(counter: AccuracyCounter, device: torch.device,
+                    extras: Sequence[Union[float, torch.Tensor]] = ()):
+    """Sum hit counts (and ``extras``: numbers or one-value tensors, e.g. loss sums kept on the
+    device) over ranks -> (top1 %, top5 %, total, summed extras); the device is read once."""
+    dev = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+    packed = torch.cat([counter.counts(dev).flatten(), _float64_row(counter.total, dev),
+                        *(_float64_row(e, dev) for e in extras)])
     du.all_reduce_sum(packed)
     vals = packed.tolist()
-    n = len(counter.top1)
+    n = counter.num_heads
     total = max(vals[2 * n], 1.0)
     return ([100.0 * v / total for v in vals[:n]], [100.0 * v / total for v in vals[n:2 * n]],
             int(vals[2 * n]), vals[2 * n + 1:])

@@ -102,10 +102,13 @@ def compute_loss(
 @torch.no_grad()
 def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device, precision: Precision,
                     max_batches: int = 0) -> Dict[str, Any]:
-    """Test top-1/top-5 (%) of every network and of the ensemble, and the mean CE, over all ranks."""
+    """Test top-1/top-5 (%) of every network and of the ensemble, and the mean CE, over all ranks.
+
+    Hits and loss sums stay on ``device``; one reduction reads them after the last batch.
+    """
     cohort.eval()
     counter = AccuracyCounter(cohort.number_net + 1)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once, after the last batch
     for i, raw in enumerate(eval_data):
         if max_batches and i >= max_batches:
             break
@@ -113,7 +116,7 @@ def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device
         with precision.autocast(device):
             logits, _ = cohort(precision.prepare_inputs(batch.inputs))
         logits = [z.float() for z in logits]
-        loss_sum += float(sum(F.cross_entropy(z, batch.targets, reduction="sum") for z in logits))
+        loss_sum += sum(F.cross_entropy(z, batch.targets, reduction="sum") for z in logits).double()
         counter.update(logits + [ensemble_logits(logits)], batch.targets)
     top1, top5, total, (loss_total,) = reduce_accuracy(counter, device, [loss_sum])
     return {"top1": top1[:-1], "top5": top5[:-1], "ens_top1": top1[-1], "ens_top5": top5[-1],
