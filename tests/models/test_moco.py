@@ -105,6 +105,23 @@ def test_enqueue_updates_each_network_queue_and_pointer():
         assert torch.equal(model.queue[n][:, 0:2], keys[n][2:4].t())
 
 
+def test_enqueue_never_reads_the_pointer_to_the_host(monkeypatch):
+    """The pointers stay device tensors: no GPU synchronisation per step and network."""
+    model = tiny_model(queue_size=10)
+    keys = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(2)]
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read to the host")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(3):
+        model.enqueue(keys)
+    monkeypatch.undo()
+    assert model.queue_ptr.tolist() == [2, 2]
+    assert torch.equal(model.queue[1][:, 0:2], keys[1][2:4].t())
+
+
 def test_queue_size_check():
     check_queue_size(16, 16)
     with pytest.raises(ConfigError):
