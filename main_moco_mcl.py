@@ -31,7 +31,7 @@ from utils.args import HelpFormatter
 from utils import distributed as du
 from utils.checkpoint import seed_everything
 from utils.cli import run_main
-from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader
+from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader, ShardedEvalSampler
 from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
@@ -106,13 +106,16 @@ def build_train_loader(args: argparse.Namespace, ctx: du.DistContext, batch: int
     return SamplerControlledLoader(loader, sampler)
 
 
-def build_knn_loaders(args: argparse.Namespace, batch: int, workers: int):
-    """(train loader, val loader, classes) of --knn-data, evaluation transform, fixed order."""
+def build_knn_loaders(args: argparse.Namespace, ctx: du.DistContext, batch: int, workers: int):
+    """(train loader, val loader, classes) of --knn-data: this rank's contiguous shard of each
+    split in file order, evaluation transform."""
     transform = center_crop_transform(args.image_size)
     loaders = []
     for split in ("train", "val"):
         ds = image_folder(args.knn_data, split, transform)
-        loaders.append(torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers))
+        loaders.append(torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers,
+                                                   sampler=ShardedEvalSampler(len(ds), ctx.rank, ctx.world_size),
+                                                   pin_memory=ctx.device.type == "cuda"))
     return loaders[0], loaders[1], len(loaders[0].dataset.classes)
 
 
@@ -169,12 +172,12 @@ def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
             link_final_checkpoint(run_dir, int(ckpt["epoch"]))
         return 0
     model = build_model(args, ctx)
-    ddp_model = step_module(model, ctx, compile=args.compile)
+    ddp_model = step_module(model, ctx, compile=args.compile, not_broadcast=model.RANK_IDENTICAL_BUFFERS)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     sampler_seed = sampler_seed_for(args.seed, ckpt)
     train_data = build_train_loader(args, ctx, batch, workers, sampler_seed)
-    knn = build_knn_loaders(args, batch, workers) if args.knn_data and ctx.is_main else None
+    knn = build_knn_loaders(args, ctx, batch, workers) if args.knn_data else None
     logger = RunLogger(run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
     config = run_config(args, ctx, batch)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,

@@ -175,12 +175,16 @@ def _to_nhwc(images: torch.Tensor) -> torch.Tensor:
 
 def normalize_batch(
     images_nhwc: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
 ) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> (B, 3, H, W) normalised, in float32 like ToTensor + Normalize."""
+    """uint8 (B, H, W, 3) -> (B, 3, H, W) normalised, in float32 like ToTensor + Normalize.
+
+    ``mean``/``std``: 3 values, or float32 (3,) tensors already on the images' device (then
+    nothing is copied from the host).
+    """
     x = _to_nhwc(images_nhwc)
     # Elementwise in NHWC order (same per-pixel float32 ops, so same bits as the PIL path);
     # the permuted result is already channels_last.
@@ -196,7 +200,8 @@ def crop_and_flip(
 ) -> torch.Tensor:
     """Zero-pad by `padding`, crop (H, W) at offsets (B, 2) = (dy, dx), flip where flips (B,).
 
-    uint8 (B, H, W, C) in and out; one gather for the whole batch.
+    uint8 (B, H, W, C) in and out; one gather for the whole batch. Offsets and flips on
+    another device are copied to the images' (pass them on that device to copy nothing).
     """
     b, h, w, c = images_nhwc.shape
     device = images_nhwc.device
@@ -219,8 +224,8 @@ def augment_batch(
     images: torch.Tensor,
     offsets: torch.Tensor,
     flips: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
     out_dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     padding: int = 4,

@@ -40,3 +40,11 @@ def device(request):
 def runs_root(tmp_path):
     """Run directories of known curves (tests/fake_runs.py): three seeds of a baseline and of MCL(×2)."""
     return write_runs(str(tmp_path / "runs"))
+
+
+@pytest.fixture(scope="session")
+def moco_two_ranks(tmp_path_factory):
+    """What 2 gloo ranks saved after MoCo's distributed checks (tests/moco_ddp_check.py), run once."""
+    from tests.moco_ddp_check import run_two_ranks
+
+    return run_two_ranks(str(tmp_path_factory.mktemp("moco_two_ranks")))

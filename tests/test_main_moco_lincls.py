@@ -122,10 +122,13 @@ def test_readme_multiprocessing_command_with_two_gloo_processes(image_root, tmp_
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "2",
                    "--checkpoint", str(tmp_path), "--run-name", "ddp", "--number-net", "2", "--seed", "1",
                    "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
-                   "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
+                   "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1", "--knn-data", image_root]
     assert main_moco_mcl.main(argv) == 0
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
     assert ckpt["config"]["batch_per_process"] == 4 and ckpt["config"]["world_size_total"] == 2
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        knn_top1 = json.loads(f.readline())["knn"]["top1"]  # the monitor sharded over both processes
+    assert len(knn_top1) == 2 and all(0.0 <= v <= 100.0 for v in knn_top1)
     # keys of both processes (2 x 4 per step) went into every queue: 2 steps -> pointer 16 mod 16
     assert ckpt["model"]["queue_ptr"].tolist() == [0, 0]
     assert ckpt["finished"]

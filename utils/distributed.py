@@ -267,6 +267,20 @@ def all_gather_nograd(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """(M_r, ...) on rank r -> (sum of M_r, ...) in rank order; the M_r may differ (eval shards)."""
+    if world_size() == 1:
+        return tensor
+    sizes = all_gather_nograd(torch.tensor([tensor.size(0)], device=tensor.device)).tolist()
+    if max(sizes) == 0:
+        return tensor
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[: tensor.size(0)] = tensor
+    parts = all_gather_nograd(padded).split(max(sizes))
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns the tensor."""
     if world_size() > 1:

@@ -11,7 +11,7 @@ import torchvision.models as tv_models
 from models.pretrained import FC_KEYS, load_backbone
 from utils import distributed as du
 from utils.method import Method, StepResult
-from utils.metrics import AccuracyCounter, SumMeter, reduced_means
+from utils.metrics import AccuracyCounter, reduce_accuracy
 from utils.precision import Precision
 from utils.progress import progress as progress_bar
 
@@ -71,20 +71,25 @@ def prepare_model(arch: str, state: Optional[Dict[str, torch.Tensor]], num_class
 def evaluate(model: nn.Module, loader, ctx: du.DistContext, max_batches: int = 0,
              precision: Precision = Precision(), progress: bool = False) -> Dict[str, Any]:
     """Top-1/top-5 (%) and mean loss over the whole val split (every rank evaluates its shard; a bar on the
-    main process's terminal with ``progress``)."""
+    main process's terminal with ``progress``).
+
+    Hits and the loss sum stay on the device; one reduction reads them after the last batch.
+    """
     model.eval()
-    acc, meter = AccuracyCounter(1), SumMeter()
-    total = min(len(loader), max_batches) if max_batches else len(loader)
-    for i, (images, targets) in enumerate(progress_bar(loader, total, "evaluating", progress and ctx.is_main)):
+    acc = AccuracyCounter(1)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    batches = min(len(loader), max_batches) if max_batches else len(loader)
+    for i, (images, targets) in enumerate(progress_bar(loader, batches, "evaluating", progress and ctx.is_main)):
         if max_batches and i >= max_batches:
             break
-        images, targets = precision.prepare_inputs(images.to(ctx.device)), targets.to(ctx.device)
+        images = precision.prepare_inputs(images.to(ctx.device, non_blocking=True))
+        targets = targets.to(ctx.device, non_blocking=True)
         with precision.autocast(ctx.device):
             logits = model(images).float()
-        meter.update({"loss": float(F.cross_entropy(logits, targets))}, images.size(0))
+        loss_sum += F.cross_entropy(logits, targets).double() * images.size(0)  # batch mean x size
         acc.update([logits], targets)
-    result = reduced_means(acc, meter, ("loss",), ctx.device)
-    return {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"]}
+    top1, top5, total, (loss_total,) = reduce_accuracy(acc, ctx.device, [loss_sum])
+    return {"top1": top1, "top5": top5, "loss": loss_total / max(total, 1)}
 
 
 # ----------------------------------------------------------------------------- the method

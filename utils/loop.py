@@ -115,10 +115,17 @@ def decorrelate_ranks(ctx: du.DistContext) -> None:
         seed_everything(int(torch.randint(2 ** 31 - 1, ())) + ctx.rank)
 
 
-def wrap_ddp(model: nn.Module, ctx: du.DistContext) -> nn.Module:
-    """``model`` in DistributedDataParallel when there is a process group, else itself."""
+def wrap_ddp(model: nn.Module, ctx: du.DistContext, not_broadcast: Sequence[str] = ()) -> nn.Module:
+    """``model`` in DistributedDataParallel when there is a process group, else itself.
+
+    ``not_broadcast``: names in ``model.state_dict()`` of buffers that every rank already
+    updates identically (MoCo's queues); DDP leaves them out of its start-up sync and of
+    the buffer broadcast before every forward. Other buffers (BatchNorm) are broadcast.
+    """
     if not ctx.distributed:
         return model
+    if not_broadcast:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(not_broadcast))
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 

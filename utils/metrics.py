@@ -1,5 +1,5 @@
 """Accuracy counting, calibration (NLL, expected calibration error) and running averages."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,12 @@ class AccuracyCounter:
             return [0] * self.num_heads
         return [int(v) for v in self._counts[row].tolist()]
 
+    def counts(self, device: torch.device) -> torch.Tensor:
+        """Hit counts (2, num_heads), top-1 row then top-5 row, as float64 on ``device``; not read."""
+        if self._counts is None:
+            return torch.zeros(2, self.num_heads, dtype=torch.float64, device=device)
+        return self._counts.to(device=device, dtype=torch.float64)
+
     @property
     def top1(self) -> List[int]:
         return self._row(0)
@@ -89,13 +95,28 @@ class AccuracyCounter:
         self.total = int(state["total"])
 
 
-def reduce_accuracy(counter: AccuracyCounter, device: torch.device, extras: Sequence[float] = ()):
-    """Sum hit counts (and ``extras``) over ranks -> (top1 %, top5 %, total, summed extras)."""
-    packed = torch.tensor(counter.top1 + counter.top5 + [counter.total] + list(extras), dtype=torch.float64,
-                          device=device if device.type == "cuda" else "cpu")  # NCCL needs CUDA tensors
+def _float64_row(value: Union[float, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(V,) float64 on ``device`` from a number (V = 1, a fill, no host-to-device copy) or a
+    tensor of V values (flattened)."""
+    if torch.is_tensor(value):
+        return value.detach().to(device=device, dtype=torch.float64).reshape(-1)
+    return torch.full((1,), float(value), dtype=torch.float64, device=device)
+
+
+def reduce_accuracy(counter: AccuracyCounter, device: torch.device,
+                    extras: Sequence[Union[float, torch.Tensor]] = ()):
+    """Sum hit counts (and ``extras``: numbers or tensors, e.g. loss or calibration sums kept on
+    the device) over ranks -> (top1 %, top5 %, total, summed extras); the device is read once.
+
+    The summed extras come back as one flat list: a tensor extra of V values gives V numbers
+    (row-major), in the order of ``extras``.
+    """
+    dev = device if device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+    packed = torch.cat([counter.counts(dev).flatten(), _float64_row(counter.total, dev),
+                        *(_float64_row(e, dev) for e in extras)])
     du.all_reduce_sum(packed)
     vals = packed.tolist()
-    n = len(counter.top1)
+    n = counter.num_heads
     total = max(vals[2 * n], 1.0)
     return ([100.0 * v / total for v in vals[:n]], [100.0 * v / total for v in vals[n:2 * n]],
             int(vals[2 * n]), vals[2 * n + 1:])
@@ -174,17 +195,27 @@ class CalibrationCounter:
         batch = torch.stack(rows)
         self.sums = batch if self.sums is None else self.sums + batch
 
-    def reduce(self, device: torch.device) -> Tuple[List[float], List[float]]:
-        """Sum over ranks -> (mean NLL per head, ECE (%) per head)."""
-        sums = self.sums if self.sums is not None else torch.zeros(self.num_heads, 1 + 3 * self.bins,
-                                                                  dtype=torch.float64)
-        sums = sums.to(device if device.type == "cuda" else "cpu", copy=True)  # NCCL needs CUDA tensors
-        du.all_reduce_sum(sums)
-        sums = sums.cpu()
+    def device_sums(self, device: torch.device) -> torch.Tensor:
+        """The sums (heads, 1 + 3 * bins) float64 on ``device``, not read (to pack with other sums)."""
+        if self.sums is None:
+            return torch.zeros(self.num_heads, 1 + 3 * self.bins, dtype=torch.float64, device=device)
+        return self.sums.to(device=device, dtype=torch.float64)
+
+    def from_values(self, values: Sequence[float]) -> Tuple[List[float], List[float]]:
+        """(mean NLL per head, ECE (%) per head) from :meth:`device_sums` read to the host as a flat
+        list (summed over ranks); plain Python, no further device read."""
+        width = 1 + 3 * self.bins
         nll, ece = [], []
-        for row in sums:
-            stats = row[1:].view(3, self.bins)
-            count = max(float(stats[0].sum()), 1.0)
-            nll.append(float(row[0]) / count)
-            ece.append(100.0 * ece_from_bins(stats))
+        for h in range(self.num_heads):
+            row = values[h * width:(h + 1) * width]
+            counts, confidences, correct = (row[1 + j * self.bins:1 + (j + 1) * self.bins] for j in range(3))
+            samples = sum(counts)
+            nll.append(row[0] / max(samples, 1.0))
+            ece.append(100.0 * sum(abs(a - c) for a, c in zip(correct, confidences)) / samples if samples else 0.0)
         return nll, ece
+
+    def reduce(self, device: torch.device) -> Tuple[List[float], List[float]]:
+        """Sum over ranks -> (mean NLL per head, ECE (%) per head); the device is read once."""
+        sums = self.device_sums(device if device.type == "cuda" else torch.device("cpu")).clone()  # NCCL: CUDA
+        du.all_reduce_sum(sums)
+        return self.from_values(sums.flatten().tolist())

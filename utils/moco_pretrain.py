@@ -26,9 +26,10 @@ TERMS = ("loss", "vcl", "soft_vcl", "icl", "soft_icl")
 class MocoMethod(Method):
     """MoCo-MCL pre-training as a method of the run loop.
 
-    ``knn`` is (train loader, val loader, classes) of --knn-data on rank 0, else None; with
-    --knn-data every epoch records the kNN top-1 of each query encoder, and the best epoch
-    is the best of them (no best.pth.tar: the encoders of every epoch are in the latest one).
+    ``knn`` is (train loader, val loader, classes) of --knn-data over this rank's shards, else
+    None; with --knn-data every epoch records the kNN top-1 of each query encoder (every rank
+    embeds its shards, utils/knn.py), and the best epoch is the best of them (no
+    best.pth.tar: the encoders of every epoch are in the latest one).
     """
 
     terms = TERMS
@@ -80,16 +81,15 @@ class MocoMethod(Method):
                 "queues": "model['queue'] (N, moco_dim, moco_k), model['queue_ptr'] (N,)"}
 
     def evaluate(self) -> Tuple[Dict[str, Any], Optional[float]]:
-        """kNN top-1 per network on rank 0 (the other ranks wait); nothing without --knn-data."""
-        if not self.args.knn_data:
+        """kNN top-1 per network, sharded over the ranks; nothing without --knn-data."""
+        if self.knn is None:
             return {}, None
-        result = None
-        if self.knn is not None:
-            result = knn_top1(self.model, self.knn, self.device, self.args.max_eval_batches,
-                              self.args.knn_k, self.args.knn_t, progress=not self.args.no_progress)
-        du.barrier()
-        if result is None:  # the other ranks: rank 0 alone records and saves
-            return {}, None
+        # DDP broadcasts BatchNorm statistics before each training forward, so after the last
+        # step every rank holds its own; embed with rank 0's, which its checkpoint saves.
+        du.broadcast_buffers(self.model.encoders_q)
+        main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        result = knn_top1(self.model, self.knn, self.device, self.args.max_eval_batches,
+                          self.args.knn_k, self.args.knn_t, progress=not self.args.no_progress and main_process)
         return {"knn": {"top1": result}}, max(result)
 
     def format_epoch(self, record: Dict[str, Any]) -> str:

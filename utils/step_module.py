@@ -19,7 +19,7 @@ scripts/gpu_check.sh) picks torch.compile's backend; unset, it is inductor, torc
 import os
 import shutil
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -77,14 +77,16 @@ def convert_sync_bn(model: nn.Module, distributed: bool, device: torch.device) -
     return None
 
 
-def step_module(model: nn.Module, ctx: Any, *, compile: bool = False, sync_bn: bool = False) -> nn.Module:
+def step_module(model: nn.Module, ctx: Any, *, compile: bool = False, sync_bn: bool = False,
+                not_broadcast: Sequence[str] = ()) -> nn.Module:
     """The module a training step runs: ``model`` (SyncBatchNorm under ``sync_bn``), in DDP under a
-    process group (utils.loop.wrap_ddp), compiled under ``compile``. The caller keeps ``model`` for saving."""
+    process group (utils.loop.wrap_ddp, which leaves the buffers named in ``not_broadcast`` out of
+    its broadcast), compiled under ``compile``. The caller keeps ``model`` for saving."""
     if sync_bn:
         note = convert_sync_bn(model, ctx.distributed, ctx.device)
         if note and ctx.is_main:
             print(f"note: {note}", flush=True)
-    module = wrap_ddp(model, ctx)
+    module = wrap_ddp(model, ctx, not_broadcast=not_broadcast)
     if compile:
         check_compile_supported(ctx.device)
         module = compiled_module(module)

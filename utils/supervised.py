@@ -108,7 +108,8 @@ def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device
     ``top1``/``top5`` (%), ``nll`` (mean negative log-likelihood, nats) and ``ece`` (expected
     calibration error, %, 15 equal-width confidence bins): lists of N, one per network; the
     ``ens_`` keys: the ensemble's; ``loss``: the mean of the networks' NLL; ``images``: the count.
-    ``progress``: a bar on a terminal.
+    ``progress``: a bar on a terminal. Hits and calibration sums stay on ``device``; one
+    reduction reads them after the last batch.
     """
     cohort.eval()
     heads = cohort.number_net + 1
@@ -124,8 +125,8 @@ def evaluate_cohort(cohort: nn.Module, eval_data: Iterable, device: torch.device
         every = logits + [ensemble_logits(logits)]
         counter.update(every, batch.targets)
         calibration.update(every, batch.targets)
-    top1, top5, total, _ = reduce_accuracy(counter, device)
-    nll, ece = calibration.reduce(device)
+    top1, top5, total, sums = reduce_accuracy(counter, device, [calibration.device_sums(device)])
+    nll, ece = calibration.from_values(sums)
     return {"top1": top1[:-1], "top5": top5[:-1], "ens_top1": top1[-1], "ens_top5": top5[-1],
             "nll": nll[:-1], "ens_nll": nll[-1], "ece": ece[:-1], "ens_ece": ece[-1],
             "loss": sum(nll[:-1]) / cohort.number_net, "images": total}

@@ -105,6 +105,23 @@ def test_enqueue_updates_each_network_queue_and_pointer():
         assert torch.equal(model.queue[n][:, 0:2], keys[n][2:4].t())
 
 
+def test_enqueue_never_reads_the_pointer_to_the_host(monkeypatch):
+    """The pointers stay device tensors: no GPU synchronisation per step and network."""
+    model = tiny_model(queue_size=10)
+    keys = [F.normalize(torch.randn(4, 8), dim=1) for _ in range(2)]
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read to the host")
+
+    for name in ("item", "tolist", "__int__", "__index__", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    for _ in range(3):
+        model.enqueue(keys)
+    monkeypatch.undo()
+    assert model.queue_ptr.tolist() == [2, 2]
+    assert torch.equal(model.queue[1][:, 0:2], keys[1][2:4].t())
+
+
 def test_queue_size_check():
     check_queue_size(16, 16)
     with pytest.raises(ConfigError):
@@ -170,3 +187,19 @@ def test_shuffle_and_unshuffle_round_trip_for_two_simulated_ranks(monkeypatch):
     monkeypatch.setattr(moco_module, "gather_nograd", lambda x, world_size: shuffled_all)
     for rank in range(2):
         assert torch.equal(batch_unshuffle_ddp(shuffled[rank], idx_unshuffle, rank, 2), local[rank])
+
+
+
+def test_ddp_keeps_queues_out_of_the_buffer_broadcast_and_they_stay_equal(moco_two_ranks):
+    """Every rank enqueues the gathered keys, so its queues equal the others' without DDP broadcasting
+    N x dim x K floats each step; BatchNorm statistics are still broadcast; checkpoints keep the queues.
+    The two gloo ranks ran tests/moco_ddp_check.py (once for the session)."""
+    r0, r1 = (out["queue"] for out in moco_two_ranks)
+    assert r0["ptr"].tolist() == r1["ptr"].tolist() == [0, 0]  # 3 steps x 2 ranks x 4 keys = 24 = 2 K
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert torch.equal(r0["queue_after"], r0["queue"])
+    assert r1["queue_after"][0, 0, 0] == r0["queue"][0, 0, 0] + 1.0  # not overwritten by rank 0's
+    assert torch.equal(r1["queue_after"][1], r0["queue"][1])
+    assert torch.equal(r0["bn_mean"], r1["bn_mean"])  # rank 1's change was overwritten by rank 0's
+    assert r0["keys"] == r1["keys"] == sorted(tiny_model().state_dict())
+    assert {"queue", "queue_ptr"} <= set(r0["keys"])
