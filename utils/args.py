@@ -7,12 +7,16 @@ supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
 """
 import argparse
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence
 
 from models.registry import registered_names
 from utils import distributed as du
+from utils.config_file import add_config_flag, apply_config_file
 from utils.errors import ConfigError
+from utils.machine import available_cpus, record_arguments
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -257,9 +261,50 @@ def check_numeric_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
                 raise ConfigError(f"{'/'.join(action.option_strings)} must be {rules[action.dest].words} (got {v})")
 
 
+# ----------------------------------------------------------------------------- DataLoader workers
+
+WORKER_FLAGS = {"num_workers": "--num-workers", "workers": "--workers"}
+
+
+def local_processes() -> int:
+    """Processes torchrun starts on this node (1 otherwise)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cap_workers(args: argparse.Namespace, cpus: Optional[int] = None, quiet: bool = False) -> None:
+    """Lower --num-workers (per process) and --workers (per node) to the CPUs available, saying so once.
+
+    More DataLoader workers than CPUs only compete for them (and PyTorch warns at every
+    epoch). --num-workers is per process, so under torchrun the node's CPUs are shared
+    among its processes.
+    """
+    cpus = cpus or available_cpus()
+    for dest, flag in WORKER_FLAGS.items():
+        value = getattr(args, dest, None)
+        procs = local_processes() if dest == "num_workers" else 1
+        cap = max(1, cpus // procs)
+        if not isinstance(value, int) or value <= cap:
+            continue
+        setattr(args, dest, cap)
+        if not quiet and int(os.environ.get("RANK", "0")) == 0:
+            shared = f", shared by the {procs} processes of this node" if procs > 1 else ""
+            print(f"{flag} {value} lowered to {cap}: this machine gives the run {cpus} CPUs{shared}", flush=True)
+
+
 def parse_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-                overrides: Optional[Dict[str, Rule]] = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags)."""
+                overrides: Optional[Dict[str, Rule]] = None, config_file: bool = False) -> argparse.Namespace:
+    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags) and the
+    DataLoader workers capped at the CPUs available (cap_workers).
+
+    ``config_file``: also take ``--config FILE`` (utils.config_file), whose values the
+    command line overrides. The arguments are recorded for config.json (utils.machine).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if config_file:
+        add_config_flag(parser)
+        apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     check_numeric_flags(parser, args, overrides)
+    cap_workers(args)
+    record_arguments(argv)
     return args

@@ -64,7 +64,8 @@ def resolve_resume(resume: Optional[str], resume_checkpoint: Optional[str], run_
 MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "start_epoch",  # raise --epochs to train longer
     "data", "data_path", "checkpoint", "checkpoint_dir", "run_name", "knn_data", "resume", "resume_checkpoint",
-    "evaluate", "evaluate_checkpoint", "overwrite",  # paths and what to do
+    "evaluate", "evaluate_checkpoint", "overwrite", "config",  # paths and what to do
+    "init_from",  # the starting weights, which a resumed run takes from its checkpoint instead
     "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "world_size", "rank",
     "multiprocessing_distributed", "num_workers", "workers", "threads", "deterministic",  # where it runs
     "amp", "fast", "channels_last",  # precision and memory layout
