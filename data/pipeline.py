@@ -63,7 +63,8 @@ def class_balanced_subset(data: ArrayData, per_class: int) -> ArrayData:
     counts = np.bincount(labels, minlength=data.num_classes)
     if per_class > counts.min():
         raise ConfigError(f"--train-per-class {per_class} is more than the smallest class has "
-                          f"({int(counts.min())} images)")
+                          f"({int(counts.min())} images); lower it to at most {int(counts.min())}, or 0 for the "
+                          "whole training set")
     keep = np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(data.num_classes)])
     keep.sort()
     return ArrayData(data.train_images[keep], labels[keep], data.test_images, data.test_labels,

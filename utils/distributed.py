@@ -52,7 +52,8 @@ def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = No
     ids = parse_gpu_ids(gpu_ids)
     index = ids[local_rank] if ids and local_rank < len(ids) else local_rank
     if index >= torch.cuda.device_count():
-        raise ConfigError(f"GPU {index} does not exist (this machine has {torch.cuda.device_count()})")
+        raise ConfigError(f"GPU {index} does not exist (this machine has {torch.cuda.device_count()}); list existing "
+                          "ones in --gpu-ids (or CUDA_VISIBLE_DEVICES), or start fewer processes")
     return torch.device("cuda", index)
 
 

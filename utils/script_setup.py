@@ -227,7 +227,8 @@ def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.Argum
 def check_resume_classes(plan: RunPlan, num_classes: int, data_description: str) -> None:
     if plan.ckpt is not None and plan.ckpt["num_classes"] != num_classes:
         raise ConfigError(f"{plan.resume_path} was trained for {plan.ckpt['num_classes']} classes but "
-                          f"{data_description} has {num_classes}")
+                          f"{data_description} has {num_classes}; resume with the data it was trained on, or start "
+                          "a new run (another --run-name, or --overwrite)")
 
 
 def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, device: torch.device):
