@@ -13,6 +13,7 @@ import torch
 
 from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
                            load_arrays)
+from models.init_from import parse_init_from
 from utils import distributed as du
 from utils.args import HelpFormatter, add_common_additions, add_original_training_args, apply_fast, parse_flags
 from utils.cli import run_main
@@ -68,6 +69,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     if args.dataset not in DATASETS:
         raise ConfigError(f"--dataset {args.dataset!r} is not one of {', '.join(DATASETS)}")
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    parse_init_from(args.init_from, args.number_net)
     return args
 
 
@@ -108,7 +110,8 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     data = load_data(args)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     objective = Objective.from_flags(args)
-    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
+    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device,
+                                                         resuming=plan.ckpt is not None)
     train_data, test_data = build_cifar_loaders(
         data, path=args.data_path, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size or 2 * args.batch_size,
         m_per_class=args.m_per_class, visit_all=args.visit_all, seed=args.manual_seed, rank=ctx.rank,

@@ -48,9 +48,12 @@ def add_original_training_args(
     g.add_argument("--data", default=data, type=str, help="dataset directory")
     g.add_argument("--dataset", default=dataset, type=str, help=dataset_help)
     g.add_argument("--arch", default=arch, type=str,
-                   help="network architecture: " + ", ".join(registered_names()) + ", or any torchvision "
-                        "classification model name (e.g. mobilenet_v2; independent cohorts only); a "
-                        "comma-separated list (e.g. resnet32,wrn_16_2) gives a mixed, independent cohort")
+                   help="network architecture: " + ", ".join(registered_names()) + "; or, in independent "
+                        "cohorts, any torchvision classification model name (e.g. mobilenet_v2, efficientnet_b0, "
+                        "regnet_y_400mf, convnext_tiny; torchvision.models.list_models(module=torchvision.models) "
+                        "lists them) or a timm model as timm:NAME (e.g. timm:convnext_atto; needs pip install "
+                        "timm), built with random weights; a comma-separated list (e.g. resnet32,wrn_16_2) gives "
+                        "a mixed, independent cohort")
     g.add_argument("--init-lr", default=0.1, type=float, help="initial learning rate")
     g.add_argument("--weight-decay", default=weight_decay, type=float, help="weight decay")
     g.add_argument("--lr-type", default=lr_type, choices=("cosine", "multistep"),
@@ -107,6 +110,11 @@ def add_common_additions(parser: argparse.ArgumentParser,
     g.add_argument("--run-name", default=None, type=str,
                    help="name of the run directory under --checkpoint-dir (default: from arch, N, "
                         "weights and seed)")
+    g.add_argument("--init-from", nargs="+", default=None, metavar="[I=]PATH",
+                   help="start network I from the state_dict in PATH (PATH alone: every network): "
+                        "torch.save(net.state_dict()) of the network or of its torchvision/timm model, or a "
+                        "scripts/export.py file; a classifier for another class count stays random. "
+                        "Independent cohorts; a resumed run takes its weights from its checkpoint")
     add_run_additions(g, save_every_steps=100, fast_help=fast_help)
     return g
 
