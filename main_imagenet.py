@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = parse_flags(build_parser(), argv, config_file=True)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
     parse_init_from(args.init_from, args.number_net)

@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    args = parse_flags(build_parser(), argv, config_file=True)
+    args = parse_flags(build_parser(), argv)
     apply_fast(args)
     return args
 

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from models.registry import registered_names
 from utils import distributed as du
-from utils.config_file import add_config_flag, apply_config_file
+from utils.config_file import add_config_flag, apply_config_file, has_config_flag
 from utils.errors import ConfigError
 from utils.machine import available_cpus, record_arguments
 
@@ -122,6 +122,7 @@ def add_common_additions(parser: argparse.ArgumentParser,
 def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                       fast_help: str = "the fast path: --amp bf16 --channels-last") -> None:
     """The additions every script has, spelled the same in all four."""
+    add_config_flag(g)
     g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
     add_precision_args(g)
     g.add_argument("--fast", action="store_true", help=fast_help)
@@ -233,6 +234,7 @@ NUMERIC_RULES: Dict[str, Rule] = {
     "synthetic_test_size": AT_LEAST_1, "rep_dim": AT_LEAST_1, "pos_k": AT_LEAST_1, "neg_k": AT_LEAST_1,
     "moco_dim": AT_LEAST_1, "moco_k": AT_LEAST_1, "print_freq": AT_LEAST_1, "knn_k": AT_LEAST_1,
     "image_size": Rule("at least 16", lambda v: v >= 16), "steps": AT_LEAST_1, "repeats": AT_LEAST_1,
+    "mean": Rule("in [0, 1]", lambda v: 0 <= v <= 1), "std": POSITIVE,
     "jobs": AT_LEAST_1,
     # 0 = none, no cap, the default or all
     "num_workers": AT_LEAST_0, "workers": AT_LEAST_0, "eval_batch_size": AT_LEAST_0, "threads": AT_LEAST_0,
@@ -300,16 +302,16 @@ def cap_workers(args: argparse.Namespace, cpus: Optional[int] = None, quiet: boo
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
-                overrides: Optional[Dict[str, Rule]] = None, config_file: bool = False) -> argparse.Namespace:
+                overrides: Optional[Dict[str, Rule]] = None) -> argparse.Namespace:
     """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags) and the
     DataLoader workers capped at the CPUs available (cap_workers).
 
-    ``config_file``: also take ``--config FILE`` (utils.config_file), whose values the
-    command line overrides. The arguments are recorded for config.json (utils.machine).
+    A parser with ``--config`` (the four scripts: add_run_additions) takes the values of that
+    file (utils.config_file) under the command line's. The arguments are recorded for
+    config.json (utils.machine).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    if config_file:
-        add_config_flag(parser)
+    if has_config_flag(parser):
         apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     check_numeric_flags(parser, args, overrides)

@@ -28,13 +28,15 @@ from utils.run_files import RECORDED_KEYS
 CONFIG_FLAG = "--config"
 
 
-def add_config_flag(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config FILE`` to ``parser`` (once)."""
-    if CONFIG_FLAG in parser._option_string_actions:
-        return
-    parser.add_argument(CONFIG_FLAG, default=None, metavar="FILE",
-                        help="YAML or JSON file of flag values (keys: flag names without the dashes); flags on "
-                             "the command line override it. A run's own config.json reruns that run")
+def add_config_flag(group: Any) -> None:
+    """Add ``--config FILE`` to a parser or argument group."""
+    group.add_argument(CONFIG_FLAG, default=None, metavar="FILE",
+                       help="YAML or JSON file of flag values (keys: flag names without the dashes); flags on "
+                            "the command line override it. A run's own config.json reruns that run")
+
+
+def has_config_flag(parser: argparse.ArgumentParser) -> bool:
+    return CONFIG_FLAG in parser._option_string_actions
 
 
 def find_config_path(argv: List[str]) -> Optional[str]:
