@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -198,20 +198,21 @@ def fits_in_memory(nbytes: int, device: torch.device, processes: int = 1) -> Tup
     They fit when every process of this node can hold them in at most MEMORY_FRACTION of
     the RAM available now and, on CUDA, in at most that fraction of the device's free memory.
     """
-    gib = 2 ** 30
     host = available_host_memory()
-    words = [f"{nbytes / gib:.2f} GiB per process"]
+    words = [f"{byte_size(nbytes)} per process"]
     fits = True
     if host is not None:
         fits = nbytes * processes <= MEMORY_FRACTION * host
-        words.append(f"{host / gib:.1f} GiB of RAM available" + (f" to {processes} processes" if processes > 1 else ""))
+        words.append(f"{byte_size(host)} of RAM available" + (f" to {processes} processes" if processes > 1 else ""))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         fits = fits and nbytes <= MEMORY_FRACTION * free
-        words.append(f"{free / gib:.1f} GiB free on {device}")
+        words.append(f"{byte_size(free)} free on {device}")
     return fits, ", ".join(words)
 
 
-def describe_sizes(parts: Sequence[Tuple[str, int]]) -> str:
-    """e.g. "240 train + 60 test images"."""
-    return " + ".join(f"{n} {name}" for name, n in parts) + " images"
+def byte_size(nbytes: float) -> str:
+    """e.g. "12.3 MiB", "4.0 GiB"."""
+    if nbytes < 2 ** 30:
+        return f"{nbytes / 2 ** 20:.1f} MiB"
+    return f"{nbytes / 2 ** 30:.1f} GiB"

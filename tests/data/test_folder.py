@@ -9,10 +9,10 @@ from PIL import Image
 from data import folder
 from data.augment import CifarTrainDataset
 from data.folder import FolderImages, channel_stats, fits_in_memory, folder_splits, square_image
-from data.pipeline import (build_cifar_loaders, class_balanced_subset, decode_if_it_fits, folder_stats,
+from data.pipeline import (build_cifar_loaders, class_balanced_subset, decode_if_it_fits, folder_stats, load_arrays,
                            open_folder_data)
 from tests.image_files import write_jpeg_folder
-from utils.errors import DatasetError
+from utils.errors import ConfigError, DatasetError
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_fits_in_memory_counts_every_process_of_the_node(monkeypatch):
     monkeypatch.setattr(folder, "available_host_memory", lambda: 4 * 2 ** 30)
     assert fits_in_memory(2 ** 30, torch.device("cpu"), processes=2)[0]
     fits, numbers = fits_in_memory(2 ** 30, torch.device("cpu"), processes=3)
-    assert not fits and "4.0 GiB of RAM available to 3 processes" in numbers
+    assert not fits and "1.0 GiB per process, 4.0 GiB of RAM available to 3 processes" in numbers
     monkeypatch.setattr(folder, "available_host_memory", lambda: None)  # unknown: assume it fits
     assert fits_in_memory(2 ** 40, torch.device("cpu"))[0]
 
@@ -123,3 +123,10 @@ def test_a_folder_dataset_pads_crops_by_an_eighth():
     images = np.zeros((1, 24, 24, 3), np.uint8)
     item, _ = CifarTrainDataset(images, [0], (0, 0, 0), (1, 1, 1), padding=3)[(0, 0, 0, False)]
     assert item.shape == (3, 24, 24) and item[:, :3].sum() == 0
+
+
+def test_synthetic_data_takes_an_image_size_and_cifar_refuses_one():
+    data = load_arrays("synthetic", "", 20, 2, synthetic_test_size=4, image_size=24)
+    assert data.train_images.shape == (20, 24, 24, 3) and data.padding == 3
+    with pytest.raises(ConfigError, match="cifar10 images are 32 x 32; --image-size is for --dataset folder"):
+        load_arrays("cifar10", "", image_size=24)
