@@ -55,7 +55,6 @@ class ArrayData:
         return max(1, self.image_size // 8)
 
 
-
 def load_arrays(dataset: str, root: str, synthetic_size: int = 5000, synthetic_classes: int = 10,
                 synthetic_seed: int = 0, synthetic_test_size: Optional[int] = None,
                 image_size: int = CIFAR_SIZE) -> ArrayData:
@@ -84,7 +83,7 @@ def load_arrays(dataset: str, root: str, synthetic_size: int = 5000, synthetic_c
 
 def open_folder_data(root: str, image_size: int) -> ArrayData:
     """An image folder (data/folder.py) with lazily decoded images; its normalisation is not known yet
-    (mean and std are placeholders until :func:`with_normalisation`)."""
+    (mean and std are placeholders: :func:`folder_stats` computes them)."""
     train_dir, test_dir = folder_splits(root)
     train, test = open_image_folder(train_dir), open_image_folder(test_dir)
     check_same_classes(train, test)
