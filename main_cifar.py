@@ -7,16 +7,21 @@ meta-learned weights, Yang et al., TPAMI 2023) with the authors' defaults. Sever
 ``torchrun --nproc_per_node=K main_cifar.py ...`` (--batch-size stays the global batch).
 """
 import argparse
+import os
 import platform
+from dataclasses import replace
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
-from data.pipeline import (DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders, class_balanced_subset,
-                           load_arrays)
+from data.pipeline import (CIFAR_SIZE, DATASETS, ArrayData, build_cifar_eval_loader, build_cifar_loaders,
+                           class_balanced_subset, decode_if_it_fits, folder_stats, load_arrays, open_folder_data)
+from models.init_from import parse_init_from
 from utils import distributed as du
 from utils.args import (LMCL_CIFAR_DEFAULTS, HelpFormatter, add_common_additions, add_lmcl_args,
-                        add_original_training_args, apply_fast, apply_method_defaults, parse_flags)
+                        add_original_training_args, apply_fast, apply_method_defaults, local_processes,
+                        parse_flags)
 from utils.cli import run_main
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
@@ -39,8 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         "m-per-class epoch is len(train)/B independent batch draws (see --visit-all).",
         formatter_class=HelpFormatter)
     add_original_training_args(parser, data="./data/", dataset="cifar100",
-                               dataset_help="cifar100, cifar10 (official pickle layout under --data) or synthetic "
-                                            "(generated, no download)", arch="resnet32", weight_decay=5e-4,
+                               dataset_help="cifar100, cifar10 (official pickle layout under --data), synthetic "
+                                            "(generated, no download) or folder (any image folder: --data DIR with "
+                                            "train/<class>/<images> and val/ or test/)", arch="resnet32",
+                               weight_decay=5e-4,
                                lr_type="cosine", milestones=(150, 225), epochs=300, batch_size=128,
                                num_workers=8, tau=0.1)
     g = add_common_additions(parser, fast_help="the fast path: --amp bf16 --channels-last --data-path tensor")
@@ -51,7 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(off: the original's independent batch draws)")
     g.add_argument("--data-path", default="pil", choices=("pil", "tensor"),
                    help="pil: the original's per-image PIL transforms in DataLoader workers; tensor: the "
-                        "whole uint8 set on the device, augmented in batches (same pixels)")
+                        "whole uint8 set on the device, augmented in batches (same pixels; --dataset folder "
+                        "decodes its images once for it when they fit in half the free memory, else says so "
+                        "and takes pil)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="side S of the square images of --dataset folder and synthetic (default 32): a folder's "
+                        "images get their shorter side resized to S and a center crop; random crops pad by S/8")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="per-channel normalisation mean, 3 values in [0, 1] (default: CIFAR's usual values, or "
+                        "for --dataset folder computed from the training images once and cached in the run "
+                        "directory's normalization.json)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="per-channel normalisation standard deviation, 3 values (default: as --mean)")
     g.add_argument("--train-per-class", type=int, default=0,
                    help="train on the first N images of each class only (a class-balanced subset, the same "
                         "for every seed; the test set stays whole); 0 = the whole training set")
@@ -78,27 +96,56 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         validate_lmcl_args(args)
     else:
         validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    parse_init_from(args.init_from, args.number_net)
+    if args.image_size not in (None, CIFAR_SIZE) and args.dataset in ("cifar100", "cifar10"):
+        raise ConfigError(f"--image-size {args.image_size}: {args.dataset} images are 32 x 32; --image-size is for "
+                          "--dataset folder and synthetic")
+    for flag, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and len(values) != 3:
+            raise ConfigError(f"{flag} takes 3 values, one per colour channel (R G B); got {len(values)}")
     return args
 
 
-def run_config(args: argparse.Namespace, topology: str, num_classes: int, world_size: int) -> Dict[str, Any]:
+def run_config(args: argparse.Namespace, topology: str, data: ArrayData, world_size: int) -> Dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "dataset_choices"}
-    config.update(script=SCRIPT, topology=topology, num_classes=num_classes, world_size=world_size,
+    config.update(script=SCRIPT, topology=topology, num_classes=data.num_classes, world_size=world_size,
+                  normalization={"mean": list(data.mean), "std": list(data.std)},
                   versions={"python": platform.python_version(), "torch": torch.__version__})
     return config
 
 
-def load_data(args: argparse.Namespace) -> ArrayData:
-    """The training and test arrays --dataset names (generated for synthetic)."""
-    data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
-                       synthetic_test_size=args.synthetic_test_size)
-    return class_balanced_subset(data, args.train_per_class) if args.train_per_class else data
+def load_data(args: argparse.Namespace, ctx: du.DistContext, run_dir: str, recorded: Optional[Dict[str, Any]] = None,
+              train: bool = True) -> ArrayData:
+    """The training and test data --dataset names, normalised by --mean/--std, else by ``recorded`` (the
+    normalisation a checkpoint was trained with), else by the data set's own values (computed from
+    a folder's training images once, cached in ``run_dir``). Only the test split is decoded for the
+    tensor path when not ``train``; a folder too large for it switches --data-path to pil."""
+    say = print if ctx.is_main else (lambda line: None)
+    size = args.image_size or CIFAR_SIZE
+    if args.dataset == "folder":
+        data = open_folder_data(args.data, size)
+    else:
+        data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes,
+                           synthetic_test_size=args.synthetic_test_size, image_size=size)
+    if args.train_per_class:
+        data = class_balanced_subset(data, args.train_per_class)
+    if args.dataset == "folder" and args.data_path == "tensor":
+        data = decode_if_it_fits(data, ctx.device, local_processes(), args.num_workers, say, train=train)
+        if not isinstance(data.test_images, np.ndarray):
+            args.data_path = "pil"
+    mean, std = data.mean, data.std
+    if recorded:
+        mean, std = tuple(recorded["mean"]), tuple(recorded["std"])
+    elif args.dataset == "folder" and (args.mean is None or args.std is None):
+        mean, std = folder_stats(data, args.num_workers, run_dir, say, write_cache=ctx.is_main)
+    return replace(data, mean=tuple(args.mean or mean), std=tuple(args.std or std))
 
 
 def evaluate_checkpoint(args: argparse.Namespace, ctx: du.DistContext, path: str) -> int:
     """--evaluate: test top-1/top-5 of every network and of the ensemble of a saved run."""
     ckpt = load_for_evaluation(path, SCRIPT, "--evaluate-checkpoint" if args.evaluate_checkpoint else "--evaluate")
-    data = load_data(args)
+    recorded = (ckpt.get("config") or {}).get("normalization")
+    data = load_data(args, ctx, os.path.dirname(os.path.abspath(path)), recorded, train=False)
     if ckpt["num_classes"] != data.num_classes:
         raise ConfigError(f"{path} was trained for {ckpt['num_classes']} classes but --dataset {args.dataset} "
                           f"has {data.num_classes}")
@@ -125,23 +172,25 @@ def build_loaders(args: argparse.Namespace, ctx: du.DistContext, data: ArrayData
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
-    data = load_data(args)
+    recorded = (plan.ckpt.get("config") or {}).get("normalization") if plan.ckpt is not None else None
+    data = load_data(args, ctx, plan.run_dir, recorded)
     check_resume_classes(plan, data.num_classes, f"--dataset {args.dataset}")
     if args.method == "lmcl":
         return train_lmcl(args, ctx, plan, data)
     objective = Objective.from_flags(args)
-    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device)
+    cohort, model, optimizer = build_model_and_optimizer(args, data.num_classes, objective.uses_contrast, ctx.device,
+                                                         resuming=plan.ckpt is not None)
     train_data, test_data = build_loaders(args, ctx, data)
 
     logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
-    config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
+    config = run_config(args, plan.topology, data, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
     loop = supervised_loop(args, ctx, plan, model, optimizer, objective, InBatchContrast(args.tau, args.kd_T),
                            train_data, test_data, logger, meta)
     if ctx.is_main:
         logger.write_config(config)
-        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
+        logger.text(f"{start_description(cohort, data.image_size, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
                     f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images")
     return loop.fit()
 
@@ -151,14 +200,14 @@ def train_lmcl(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan, dat
     cohort, model, weight_net, optimizer, weight_optimizer = build_lmcl(args, data.num_classes, ctx.device)
     train_data, test_data = build_loaders(args, ctx, data)
     logger = RunLogger(plan.run_dir, enabled=ctx.is_main, wandb_project=args.wandb)
-    config = run_config(args, plan.topology, data.num_classes, ctx.world_size)
+    config = run_config(args, plan.topology, data, ctx.world_size)
     meta = {"script": SCRIPT, "config": config, "arch": args.arch, "number_net": args.number_net,
             "topology": plan.topology, "num_classes": data.num_classes}
     loop = lmcl_loop(args, ctx, plan, model, weight_net, optimizer, weight_optimizer,
                      LayerInBatchContrast(args.tau, args.kd_T), train_data, test_data, logger, meta)
     if ctx.is_main:
         logger.write_config(config)
-        logger.text(f"{start_description(cohort, 32, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
+        logger.text(f"{start_description(cohort, data.image_size, ctx, plan.run_dir, plan, loop)}; {data.num_classes} "
                     f"classes, {len(data.train_labels)} train / {len(data.test_labels)} test images; "
                     f"{lmcl_description(model, weight_net)}")
     return loop.fit()

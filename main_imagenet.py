@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from data.imagenet_loader import TrainSetInfo, build_train_data, build_val_loader, check_same_classes
+from models.init_from import parse_init_from
 from utils import distributed as du
 from utils.args import (LMCL_IMAGENET_DEFAULTS, HelpFormatter, add_common_additions, add_lmcl_args,
                         add_original_training_args, apply_fast, apply_method_defaults, parse_flags)
@@ -75,6 +76,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         validate_lmcl_args(args)
     else:
         validate_cohort_args(args.number_net, args.alpha, args.gamma, args.beta, args.lam, args.logit_distill)
+    parse_init_from(args.init_from, args.number_net)
     return args
 
 
@@ -145,7 +147,8 @@ def train(args: argparse.Namespace, ctx: du.DistContext, plan: RunPlan) -> int:
     if args.method == "lmcl":
         return train_lmcl(args, ctx, plan, info, train_data, val_data)
 
-    cohort, model, optimizer = build_model_and_optimizer(args, info.num_classes, objective.uses_contrast, ctx.device)
+    cohort, model, optimizer = build_model_and_optimizer(args, info.num_classes, objective.uses_contrast, ctx.device,
+                                                         resuming=plan.ckpt is not None)
     contrast = None
     if objective.uses_contrast:
         contrast = MemoryContrast(args.number_net, info.n_data, args.feat_dim, args.tau, args.kd_T, args.nce_m,

@@ -2,7 +2,8 @@
 
     pip install -e ".[test]"
 
-installs the dependencies (and the test extra). The project runs from its checkout, as
+installs the dependencies (and the test extra; the optional extras timm, wandb and yaml add
+timm networks, the Weights & Biases logger and YAML config files). The project runs from its checkout, as
 the original does: the entry scripts import ``models``, ``losses``, ``data`` and ``utils``
 from the folder they sit in. Those generic names are deliberately NOT installed into
 site-packages, where they would collide with other projects' packages of the same names
@@ -34,5 +35,8 @@ setup(
     extras_require={
         "test": ["pytest>=7", "scipy>=1.9"],
         "plot": ["matplotlib>=3.5"],
+        "timm": ["timm>=0.9"],  # --arch timm:NAME
+        "wandb": ["wandb>=0.15"],  # the Weights & Biases logger
+        "yaml": ["pyyaml>=5.1"],  # --config FILE.yaml
     },
 )

@@ -29,6 +29,12 @@ def rank_slice(global_batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
+def smallest_m(batch_size: int, num_classes: int) -> int:
+    """The smallest images-per-class that divides ``batch_size`` and fills it from ``num_classes`` classes."""
+    low = -(-batch_size // max(num_classes, 1))
+    return next(m for m in range(low, batch_size + 1) if batch_size % m == 0)
+
+
 def _as_label_array(labels: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
@@ -141,22 +147,26 @@ class MPerClassBatchSampler:
         if m < 1 or b < 1:
             raise ConfigError(f"--batch-size {b} and --m-per-class {m} must be positive")
         if b % m:
-            raise ConfigError(f"--batch-size {b} is not divisible by --m-per-class {m}")
+            raise ConfigError(f"--batch-size {b} is not divisible by --m-per-class {m}; use a --batch-size that is a "
+                              f"multiple of {m} (e.g. {max(m, b - b % m)}) or an --m-per-class that divides {b}")
         if ws < 1 or not 0 <= self.rank < ws:
             raise ConfigError(f"rank {self.rank} is outside a world of size {ws}")
         if b % ws:
             raise ConfigError(
                 f"--batch-size {b} is not divisible by the number of processes {ws}; "
-                f"use a multiple of {ws}"
+                f"use a multiple of {ws}, or a number of processes that divides {b}"
             )
         num_classes = len(self.classes)
         if m * num_classes < b:
             raise ConfigError(
-                f"--batch-size {b} needs {b // m} classes of {m} images but the data has "
-                f"{num_classes} classes; lower --batch-size to at most {m * num_classes}"
+                f"--batch-size {b} needs {b // m} classes of --m-per-class {m} images but the data has "
+                f"{num_classes} classes; lower --batch-size to at most {m * num_classes}, raise --m-per-class to "
+                f"{smallest_m(b, num_classes)} (it must divide the batch), or train on more classes "
+                f"(--synthetic-classes with --dataset synthetic)"
             )
         if self.length < b:
-            raise ConfigError(f"an epoch of {self.length} images is shorter than --batch-size {b}")
+            raise ConfigError(f"an epoch of {self.length} images is shorter than --batch-size {b}; lower "
+                              "--batch-size or train on more images (--train-per-class, --synthetic-size)")
 
     # ---- epoch plan -------------------------------------------------------------------
 
@@ -301,9 +311,11 @@ class EpochShuffleBatchSampler:
             raise ConfigError(f"--batch-size must be positive (got {batch_size})")
         if batch_size % world_size:
             raise ConfigError(f"--batch-size {batch_size} is not divisible by the number of processes "
-                              f"{world_size}; use a multiple of {world_size}")
+                              f"{world_size}; use a multiple of {world_size}, or a number of processes that divides "
+                              f"{batch_size}")
         if n < world_size:
-            raise ConfigError(f"{n} training images cannot be shared by {world_size} processes")
+            raise ConfigError(f"{n} training images cannot be shared by {world_size} processes; start at most {n} "
+                              "processes or train on more images")
         self.n, self.batch_size, self.seed = int(n), int(batch_size), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.drop_last = drop_last

@@ -11,8 +11,9 @@ A network is ``branch(stem(x)) -> (logits (B, C), feature (B, F))`` (a
 Both return ``(list of N logits (B, C), list of N features (B, F_n))``.
 
 Besides the registered architectures (models/registry.py), any torchvision
-classification model name (``mobilenet_v2``, ``efficientnet_b0``...) can be used in
-an independent cohort; it is built with random weights (never downloaded).
+classification model name (``mobilenet_v2``, ``efficientnet_b0``...) and any timm model as
+``timm:<name>`` (``timm:convnext_atto``, models/timm_nets.py) can be used in an independent
+cohort; they are built with random weights (never downloaded).
 """
 from typing import List, Sequence, Tuple
 
@@ -20,9 +21,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from utils.errors import ConfigError
-
-from .registry import TOPOLOGIES, get_spec, registered_names
+from .registry import TOPOLOGIES, CohortError, get_spec, registered_names
+from .timm_nets import build_timm_parts, check_timm_name, is_timm_name
 
 COHORT_CHOICES = ("auto",) + TOPOLOGIES
 
@@ -31,10 +31,6 @@ TORCHVISION_EXTRA_KWARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
-
-
-class CohortError(ConfigError, ValueError):
-    """A bad architecture name, cohort size or topology (a ValueError the user can fix)."""
 
 
 class SplitNet(nn.Module):
@@ -113,23 +109,30 @@ def is_torchvision_only(name: str) -> bool:
     return name not in registered_names() and name in torchvision_model_names()
 
 
-class TorchvisionBody(nn.Module):
-    """A torchvision classifier whose final Linear was replaced by Identity.
+def is_external(name: str) -> bool:
+    """True for a member built from another library (torchvision or timm), which cannot be branched."""
+    return is_timm_name(name) or is_torchvision_only(name)
 
-    ``(B, 3, H, W) -> feature (B, F)``, the input of the removed Linear.
+
+class TorchvisionBody(nn.Module):
+    """A classifier (torchvision's, or timm's) whose final Linear was taken out.
+
+    ``(B, 3, H, W) -> feature (B, F)``, the input of the removed Linear. ``classifier_name``
+    is that Linear's name in the library's own state_dict (e.g. "fc", "classifier.1", "head.fc").
     """
 
-    def __init__(self, model: nn.Module, feature_dim: int):
+    def __init__(self, model: nn.Module, feature_dim: int, classifier_name: str = "fc"):
         super().__init__()
         self.model = model
         self.feature_dim = feature_dim
+        self.classifier_name = classifier_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature = self.model(x)
         if feature.dim() != 2 or feature.size(1) != self.feature_dim:
             raise RuntimeError(
                 f"expected the model's output before its last Linear to be (B, {self.feature_dim}), "
-                f"got {tuple(feature.shape)}; this torchvision model does not end with its classifier Linear"
+                f"got {tuple(feature.shape)}; this model does not end with its classifier Linear"
             )
         return feature
 
@@ -165,7 +168,13 @@ def build_torchvision_net(name: str, num_classes: int) -> SplitNet:
     fc_name = last_linear_name(model, name)
     fc = model.get_submodule(fc_name)
     model.set_submodule(fc_name, nn.Identity())
-    return SplitNet(TorchvisionBody(model, fc.in_features), LinearClassifier(fc))
+    return SplitNet(TorchvisionBody(model, fc.in_features, fc_name), LinearClassifier(fc))
+
+
+def build_timm_net(name: str, num_classes: int) -> SplitNet:
+    """timm model ``timm:<name>`` (random init) as SplitNet(body, LinearClassifier)."""
+    model, fc, classifier_name = build_timm_parts(name, num_classes)
+    return SplitNet(TorchvisionBody(model, fc.in_features, classifier_name), LinearClassifier(fc))
 
 
 # ---------------------------------------------------------------- building
@@ -173,12 +182,15 @@ def build_torchvision_net(name: str, num_classes: int) -> SplitNet:
 def unknown_name_error(name: str) -> CohortError:
     return CohortError(
         f"unknown architecture {name!r}; valid: {', '.join(registered_names())} "
-        f"(or any torchvision classification model name, e.g. mobilenet_v2, for independent cohorts)"
+        f"(or, for independent cohorts, any torchvision classification model name, e.g. mobilenet_v2, or a timm "
+        f"model as timm:NAME, e.g. timm:convnext_atto)"
     )
 
 
 def check_known(name: str) -> None:
-    if name not in registered_names() and not is_torchvision_only(name):
+    if is_timm_name(name):
+        check_timm_name(name)
+    elif name not in registered_names() and not is_torchvision_only(name):
         raise unknown_name_error(name)
 
 
@@ -194,6 +206,8 @@ def get_model(name: str, num_classes: int) -> SplitNet:
     if name in registered_names():
         spec = get_spec(name)
         return SplitNet(spec.make_stem("independent"), spec.make_branch(num_classes, "independent"))
+    if is_timm_name(name):
+        return build_timm_net(name, num_classes)
     return build_torchvision_net(name, num_classes)
 
 
@@ -220,21 +234,21 @@ def resolve_topology(cohort: str, arch_names: Sequence[str]) -> str:
     """The topology a cohort request means.
 
     "auto" is the original's rule: N == 2 (or N == 1) -> independent, otherwise
-    branched; mixed cohorts and torchvision-only models, which cannot be branched,
+    branched; mixed cohorts and torchvision or timm models, which cannot be branched,
     are independent under "auto".
     """
     if cohort not in COHORT_CHOICES:
         raise CohortError(f"unknown cohort {cohort!r}; choose one of {', '.join(COHORT_CHOICES)}")
     mixed = len(set(arch_names)) > 1
-    torchvision_only = any(is_torchvision_only(n) for n in arch_names)
+    external = any(is_external(n) for n in arch_names)
     if cohort == "auto":
-        if len(arch_names) in (1, 2) or mixed or torchvision_only:
+        if len(arch_names) in (1, 2) or mixed or external:
             return "independent"
         return "branched"
     if cohort == "branched":
         if mixed:
             raise CohortError("a mixed-architecture cohort cannot be branched; use --cohort independent")
-        if torchvision_only:
+        if external:
             raise CohortError(
                 f"{arch_names[0]!r} is not a registered architecture and cannot be branched; "
                 f"use --cohort independent or one of: {', '.join(registered_names())}"

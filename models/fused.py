@@ -13,8 +13,8 @@ training mode with running statistics and a momentum; a CPU bfloat16 channels_la
 (what autocast + ``--channels-last`` give) with a multiple of 16 channels; the residual, if
 any, of the same kind; a CPU with AVX-512 BF16; the kernel built. The float32 path (the
 paper's protocol) never uses it. It is built with torch.utils.cpp_extension on first use
-(about 20 s, then cached; it needs a C++ compiler and ninja); if that fails, one warning and
-the eager ops. ``MCL_FUSED_BN=0`` in the environment turns it off (for A/B timing).
+(20 to 60 s, announced in one line, then cached; it needs a C++ compiler and ninja); if that
+fails, one warning and the eager ops. ``MCL_FUSED_BN=0`` in the environment turns it off (for A/B timing).
 
 Maths (the eager one): y = relu((x - mean) * invstd * weight + bias [+ residual]) with the
 batch mean and biased variance; running_mean / running_var move by ``momentum`` towards the
@@ -30,6 +30,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
+_NAME = "mcl_bn_relu_cpu"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bn_relu_cpu.cpp")
 # -fopenmp: at::parallel_for is a header template; without it the kernel would run on one thread.
 _CFLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"]
@@ -52,17 +53,40 @@ def _cpu_has_avx512_bf16() -> bool:
     return False
 
 
-def _build() -> Any:
-    """Compile (or load from torch's extension cache) the kernel."""
-    # Importing cpp_extension logs a CUDA_HOME guess on CPU-only installs: not the user's business here.
+def _cpp_extension() -> Any:
+    """torch.utils.cpp_extension, imported without the CUDA_HOME guess it logs on CPU-only installs
+    (not the user's business here)."""
     logger = logging.getLogger("torch.utils.cpp_extension")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils import cpp_extension
     finally:
         logger.setLevel(level)
-    return load("mcl_bn_relu_cpu", [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    return cpp_extension
+
+
+def _build() -> Any:
+    """Compile (or load from torch's extension cache) the kernel."""
+    return _cpp_extension().load(_NAME, [_SOURCE], extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def _cached_build() -> Tuple[bool, str]:
+    """(whether torch's extension cache holds a build of the kernel newer than its source, the cache folder)."""
+    try:
+        folder = _cpp_extension()._get_build_directory(_NAME, verbose=False)  # private: used for a message only
+    except Exception:
+        return True, ""  # unknown: say nothing
+    library = os.path.join(folder, _NAME + ".so")
+    return os.path.exists(library) and os.path.getmtime(library) >= os.path.getmtime(_SOURCE), folder
+
+
+def _announce_build() -> None:
+    """One line before the first build, which takes a while and prints nothing (else the run looks hung)."""
+    cached, folder = _cached_build()
+    if not cached and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"building the fused BatchNorm+ReLU CPU kernel of the fast path, once for this machine (about a minute; "
+              f"later runs load it from {folder})", flush=True)
 
 
 def _load() -> Tuple[Any, Optional[str]]:
@@ -73,6 +97,7 @@ def _load() -> Tuple[Any, Optional[str]]:
     if sys.platform != "linux" or not _cpu_has_avx512_bf16():
         return None, None
     try:
+        _announce_build()
         return _build(), None
     except Exception as exc:  # no compiler, no ninja, ...: the eager ops still work
         lines = str(exc).strip().splitlines()

@@ -17,7 +17,13 @@ from typing import Callable, Dict, List
 
 import torch.nn as nn
 
+from utils.errors import ConfigError
+
 TOPOLOGIES = ("independent", "branched")
+
+
+class CohortError(ConfigError, ValueError):
+    """A bad architecture name, cohort size or topology (a ValueError the user can fix)."""
 
 
 @dataclass(frozen=True)

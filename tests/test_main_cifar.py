@@ -7,6 +7,10 @@ import pytest
 import torch
 
 import main_cifar
+from data import folder as data_folder
+from models import get_model
+from tests.image_files import write_jpeg_folder
+from tests.script_helpers import run_cli
 from utils.checkpoint import load_checkpoint
 
 from tests import ROOT  # noqa: E402
@@ -157,3 +161,94 @@ def test_exported_network_gives_the_cohort_logits(tmp_path, number_net):
     assert torch.equal(logits, cohort_logits[1])
     best, _ = export_network(str(run))  # without --net-index: the best network of the best epoch
     assert best["net_index"] in range(number_net)
+
+
+# ----------------------------------------------------------------------------- your own data and networks
+
+FOLDER = ["--dataset", "folder", "--image-size", "16", "--batch-size", "6", "--m-per-class", "2", "--epochs", "1",
+          "--max-train-batches", "2", "--num-workers", "0", "--no-progress", "--eval-batch-size", "4", *MCL]
+
+
+def test_a_folder_of_jpegs_trains_the_same_on_both_paths(tmp_path, capsys, monkeypatch):
+    root = write_jpeg_folder(str(tmp_path / "images"), classes=3, train=8, test=2, size=(20, 20))
+    runs = {}
+    for path in ("pil", "tensor"):
+        argv = FOLDER + ["--data", root, "--data-path", path, "--checkpoint-dir", str(tmp_path), "--run-name", path]
+        assert main_cifar.main(argv) == 0
+        runs[path] = tmp_path / path
+    out = capsys.readouterr().out
+    assert "decoding the 24 train + 6 test images of 16 px once into one uint8 tensor" in out
+    assert "3 classes, 24 train / 6 test images" in out and "per 16px image" in out
+    pil, tensor = records(runs["pil"])[0], records(runs["tensor"])[0]
+    assert pil["train"] == tensor["train"] and pil["test"] == tensor["test"]
+    for run in runs.values():
+        stats = json.loads((run / "normalization.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        assert config["normalization"] == {"mean": stats["mean"], "std": stats["std"]}
+        assert 0.2 < stats["mean"][0] < 0.8
+
+    # --evaluate: the normalisation of the checkpoint; a set too large for memory falls back to PIL, saying so
+    monkeypatch.setattr(data_folder, "available_host_memory", lambda: 1000)
+    argv = FOLDER + ["--data", root, "--data-path", "tensor", "--checkpoint-dir", str(tmp_path), "--run-name", "pil",
+                     "--evaluate"]
+    assert main_cifar.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "would not fit in memory" in out and "using --data-path pil instead" in out
+    assert f"net 0 (resnet32): top-1 {pil['test']['top1'][0]:.2f}" in out
+
+
+def test_given_normalisation_wins(tmp_path):
+    root = write_jpeg_folder(str(tmp_path / "images"), classes=3, train=2, test=1)
+    run = train(tmp_path, "--dataset", "folder", "--data", root, "--batch-size", "6", "--mean", "0.4", "0.5", "0.6",
+                "--std", "0.2", "0.2", "0.2", "--max-train-batches", "1")
+    assert json.loads((run / "config.json").read_text())["normalization"]["mean"] == [0.4, 0.5, 0.6]
+    assert not (run / "normalization.json").exists()
+
+
+def test_the_m_per_class_error_names_every_fix(tmp_path, capsys):
+    argv = TINY + ["--synthetic-classes", "3", "--checkpoint-dir", str(tmp_path)]
+    code, _, err = run_cli(main_cifar.main, argv, capsys)
+    assert code == 2 and err.count("\n") == 1
+    for flag in ("--batch-size", "--m-per-class", "--synthetic-classes"):
+        assert flag in err
+
+
+def test_a_runs_config_json_reruns_it_exactly(tmp_path, capsys):
+    first = train(tmp_path, "--arch", "resnet32", *MCL, "--seed", "4")
+    config = json.loads((first / "config.json").read_text())
+    provenance = config["provenance"]
+    for key in ("command", "git", "host", "cpu", "gpus", "cuda", "cudnn", "packages"):
+        assert key in provenance, key
+    assert provenance["arguments"][-2:] == ["--seed", "4"]  # run from Python: the arguments it parsed
+    assert main_cifar.main(["--config", str(first / "config.json"), "--run-name", "again"]) == 0
+    again = tmp_path / "again"
+    assert json.loads((again / "config.json").read_text())["manual_seed"] == 4
+    for a, b in zip(records(first), records(again)):
+        assert a["train"] == b["train"] and a["test"] == b["test"]
+
+
+def test_init_from_starts_a_network_from_a_saved_state_dict(tmp_path, capsys):
+    torch.manual_seed(7)
+    path = str(tmp_path / "resnet32.pth")
+    torch.save(get_model("resnet32", 10).state_dict(), path)
+    run = train(tmp_path, "--arch", "resnet32,wrn_16_2", "--init-from", f"0={path}", "--epochs", "1")
+    assert f"network 0 (resnet32) starts from {path}" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["init_from"] == [f"0={path}"]
+    code, _, err = run_cli(main_cifar.main, TINY + ["--init-from", f"2={path}", "--checkpoint-dir", str(tmp_path)],
+                           capsys)
+    assert code == 2 and "network 2 does not exist (--number-net 2: 0..1)" in err
+
+
+def test_a_timm_network_in_a_cohort(tmp_path, capsys):
+    pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
+    run = train(tmp_path, "--arch", "timm:convnext_atto,resnet32", *MCL, "--max-train-batches", "1",
+                "--max-eval-batches", "1")
+    assert "independent cohort of 2: timm:convnext_atto, resnet32" in capsys.readouterr().out
+    assert len(records(run)[0]["test"]["top1"]) == 2
+
+
+def test_without_timm_a_timm_name_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)
+    code, _, err = run_cli(main_cifar.main, TINY + ["--arch", "timm:convnext_atto,resnet32",
+                                                    "--checkpoint-dir", str(tmp_path)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "pip install timm" in err

@@ -13,7 +13,8 @@ Your own loop::
 A script's whole training (checkpoints, resume, dashboards, summary)::
 
     api.run_script("main_cifar", ["--arch", "resnet32", "--alpha", "0.1"])      # the command line's words
-    api.run_script("main_cifar", {"arch": "resnet32", "alpha": 0.1})            # or flag names -> values
+    api.run_script("main_cifar", {"arch": "resnet32", "alpha": 0.1})            # or flag names -> values,
+    api.run_script("main_cifar", {"config": "mcl.yaml", "seed": 1})             # as in --config files
     run = api.read_run("checkpoint/RUN")                                        # config, metrics, summary
 """
 import difflib
@@ -27,9 +28,11 @@ from data.batch import Batch
 from losses.ensemble import ensemble_logits
 from losses.mcl import build_projection_heads
 from models import build_cohort as _build_cohort
+from utils.config_file import CONFIG_FLAG, flag_actions, has_config_flag
 from utils.contrast import InBatchContrast
 from utils.errors import ConfigError
 from utils.run_dirs import Run, load_run
+from utils.run_files import RECORDED_KEYS
 from utils.supervised import CohortWithHeads, Objective, compute_loss
 
 SCRIPTS = ("main_cifar", "main_imagenet", "main_moco_mcl", "main_lincls")
@@ -107,28 +110,38 @@ def _flag_value_words(flag: str, value: Any, action: Any) -> List[str]:
     return [flag, str(value)]
 
 
+def _long_option(action: Any, name: str) -> Optional[str]:
+    """The option ``name`` spells (``seed`` -> --seed, not its alias --manual_seed), else the first long one."""
+    for option in ("--" + name, "--" + name.replace("_", "-"), "--" + name.replace("-", "_")):
+        if option in action.option_strings:
+            return option
+    return next((o for o in action.option_strings if o.startswith("--")), None)
+
+
 def config_to_argv(script: str, config: Mapping[str, Any]) -> List[str]:
     """The command-line words of ``config`` for ``script``: keys are flag names as --help spells them, with
-    or without the dashes, ``-`` or ``_`` alike (``init_lr``, ``--init-lr``); True switches a flag on, a
-    list gives a flag several values, None leaves a flag at its default. ConfigError naming an unknown key."""
+    or without the dashes, ``-`` or ``_`` alike (``init_lr``, ``--init-lr``), as in a ``--config`` file
+    (utils.config_file); True switches a flag on, a list gives a flag several values, None leaves a flag at
+    its default. A run's recorded keys (topology, versions, provenance, ...) are skipped, so a run's
+    ``read_run(...).config`` reruns it; a ``config`` key names a --config file the other keys override.
+    ConfigError naming an unknown key."""
     parser = _script_module(script).build_parser()
-    by_name: Dict[str, Any] = {}
-    for action in parser._actions:
-        for option in action.option_strings:
-            if option.startswith("--"):
-                by_name[option[2:].replace("-", "_")] = (option, action)
-        by_name.setdefault(action.dest, (next((o for o in action.option_strings if o.startswith("--")), None),
-                                         action))
+    actions = flag_actions(parser)
+    if has_config_flag(parser):
+        actions["config"] = parser._option_string_actions[CONFIG_FLAG]
     argv: List[str] = []
     for key, value in config.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        flag, action = by_name.get(name, (None, None))
-        if flag is None:
-            close = difflib.get_close_matches(name, [k for k, v in by_name.items() if v[0]], n=1)
+        name = str(key).lstrip("-")
+        action = actions.get(name, actions.get(name.replace("-", "_")))
+        if action is None and name.replace("-", "_") in RECORDED_KEYS:
+            continue
+        if action is None:
+            known = [k for k in actions if "-" not in k]
+            close = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{script}: unknown flag {key!r}{hint}; see python {script}.py --help")
         if value is not None:
-            argv += _flag_value_words(flag, value, action)
+            argv += _flag_value_words(_long_option(action, name), value, action)
     return argv
 
 

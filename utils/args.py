@@ -8,14 +8,17 @@ supervised scripts' in :func:`add_original_training_args`, the MoCo scripts' in
 import argparse
 import copy
 import math
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Set
 
 from models.registry import registered_names
 from utils import distributed as du
+from utils.config_file import add_config_flag, apply_config_file, has_config_flag
 from utils.dashboard import require_wandb
 from utils.errors import ConfigError
+from utils.machine import available_cpus, record_arguments
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -47,9 +50,12 @@ def add_original_training_args(
     g.add_argument("--data", default=data, type=str, help="dataset directory")
     g.add_argument("--dataset", default=dataset, type=str, help=dataset_help)
     g.add_argument("--arch", default=arch, type=str,
-                   help="network architecture: " + ", ".join(registered_names()) + ", or any torchvision "
-                        "classification model name (e.g. mobilenet_v2; independent cohorts only); a "
-                        "comma-separated list (e.g. resnet32,wrn_16_2) gives a mixed, independent cohort")
+                   help="network architecture: " + ", ".join(registered_names()) + "; or, in independent "
+                        "cohorts, any torchvision classification model name (e.g. mobilenet_v2, efficientnet_b0, "
+                        "regnet_y_400mf, convnext_tiny; torchvision.models.list_models(module=torchvision.models) "
+                        "lists them) or a timm model as timm:NAME (e.g. timm:convnext_atto; needs pip install "
+                        "timm), built with random weights; a comma-separated list (e.g. resnet32,wrn_16_2) gives "
+                        "a mixed, independent cohort")
     g.add_argument("--init-lr", default=0.1, type=float, help="initial learning rate")
     g.add_argument("--weight-decay", default=weight_decay, type=float, help="weight decay")
     g.add_argument("--lr-type", default=lr_type, choices=("cosine", "multistep"),
@@ -108,6 +114,11 @@ def add_common_additions(parser: argparse.ArgumentParser,
     g.add_argument("--run-name", default=None, type=str,
                    help="name of the run directory under --checkpoint-dir (default: from arch, N, "
                         "weights and seed)")
+    g.add_argument("--init-from", nargs="+", default=None, metavar="[I=]PATH",
+                   help="start network I from the state_dict in PATH (PATH alone: every network): "
+                        "torch.save(net.state_dict()) of the network or of its torchvision/timm model, or a "
+                        "scripts/export.py file; a classifier for another class count stays random. "
+                        "Independent cohorts; a resumed run takes its weights from its checkpoint")
     add_run_additions(g, save_every_steps=100, fast_help=fast_help)
     g.add_argument("--print-freq", type=int, default=50, metavar="N",
                    help="every N steps, the step's loss terms go to TensorBoard (and W&B) as train_step/...; the "
@@ -124,6 +135,7 @@ def add_common_additions(parser: argparse.ArgumentParser,
 def add_run_additions(g: argparse._ArgumentGroup, *, save_every_steps: int,
                       fast_help: str = "the fast path: --amp bf16 --channels-last") -> None:
     """The additions every script has, spelled the same in all four."""
+    add_config_flag(g)
     g.add_argument("--device", default="auto", choices=du.DEVICES, help="where to train; auto = CUDA when available")
     add_precision_args(g)
     g.add_argument("--fast", action="store_true", help=fast_help)
@@ -318,6 +330,7 @@ NUMERIC_RULES: Dict[str, Rule] = {
     "synthetic_test_size": AT_LEAST_1, "rep_dim": AT_LEAST_1, "pos_k": AT_LEAST_1, "neg_k": AT_LEAST_1,
     "moco_dim": AT_LEAST_1, "moco_k": AT_LEAST_1, "print_freq": AT_LEAST_1, "knn_k": AT_LEAST_1,
     "image_size": Rule("at least 16", lambda v: v >= 16), "steps": AT_LEAST_1, "repeats": AT_LEAST_1,
+    "mean": Rule("in [0, 1]", lambda v: 0 <= v <= 1), "std": POSITIVE,
     "jobs": AT_LEAST_1, "meta_freq": AT_LEAST_1, "times": AT_LEAST_1,
     # 0 = none, no cap, the default or all
     "num_workers": AT_LEAST_0, "workers": AT_LEAST_0, "eval_batch_size": AT_LEAST_0, "threads": AT_LEAST_0,
@@ -354,12 +367,52 @@ def check_numeric_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
                 raise ConfigError(f"{'/'.join(action.option_strings)} must be {rules[action.dest].words} (got {v})")
 
 
+# ----------------------------------------------------------------------------- DataLoader workers
+
+WORKER_FLAGS = {"num_workers": "--num-workers", "workers": "--workers"}
+
+
+def local_processes() -> int:
+    """Processes torchrun starts on this node (1 otherwise)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def cap_workers(args: argparse.Namespace, cpus: Optional[int] = None, quiet: bool = False) -> None:
+    """Lower --num-workers (per process) and --workers (per node) to the CPUs available, saying so once.
+
+    More DataLoader workers than CPUs only compete for them (and PyTorch warns at every
+    epoch). --num-workers is per process, so under torchrun the node's CPUs are shared
+    among its processes.
+    """
+    cpus = cpus or available_cpus()
+    for dest, flag in WORKER_FLAGS.items():
+        value = getattr(args, dest, None)
+        procs = local_processes() if dest == "num_workers" else 1
+        cap = max(1, cpus // procs)
+        if not isinstance(value, int) or value <= cap:
+            continue
+        setattr(args, dest, cap)
+        if not quiet and int(os.environ.get("RANK", "0")) == 0:
+            shared = f", shared by the {procs} processes of this node" if procs > 1 else ""
+            print(f"{flag} {value} lowered to {cap}: this machine gives the run {cpus} CPUs{shared}", flush=True)
+
+
 def parse_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
                 overrides: Optional[Dict[str, Rule]] = None) -> argparse.Namespace:
-    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags) and --wandb's package
-    present."""
+    """``parser.parse_args(argv)`` with every numeric flag checked (check_numeric_flags), --wandb's package
+    present and the DataLoader workers capped at the CPUs available (cap_workers).
+
+    A parser with ``--config`` (the four scripts: add_run_additions) takes the values of that
+    file (utils.config_file) under the command line's. The arguments are recorded for
+    config.json (utils.machine).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if has_config_flag(parser):
+        apply_config_file(parser, argv)
     args = parser.parse_args(argv)
     check_numeric_flags(parser, args, overrides)
     if getattr(args, "wandb", None):
         require_wandb()  # before any data or model is touched
+    cap_workers(args)
+    record_arguments(argv)
     return args

@@ -66,7 +66,8 @@ def resolve_device(device: str, local_rank: int = 0, gpu_ids: Optional[str] = No
     index = ids[local_rank] if ids else local_rank
     if index >= torch.cuda.device_count():
         raise ConfigError(f"GPU {index} does not exist: {torch.cuda.device_count()} visible here (ids are indices "
-                          f"within CUDA_VISIBLE_DEVICES)")
+                          f"within CUDA_VISIBLE_DEVICES); list existing ones in {gpu_flag} (or CUDA_VISIBLE_DEVICES), "
+                          "or start fewer processes")
     return torch.device("cuda", index)
 
 

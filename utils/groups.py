@@ -20,7 +20,8 @@ BOOKKEEPING_KEYS = frozenset({
     "device", "gpu_id", "gpu_ids", "gpu", "multiprocessing_distributed",
     "dist_url", "dist_backend", "dist_timeout", "world_size", "rank", "local_rank",
     "print_freq", "log_freq", "tensorboard", "no_tensorboard", "verbose", "quiet", "script",
-    "versions", "no_progress", "save_every_steps", "eval_batch_size", "world_size_total", "batch_per_process",
+    "versions", "provenance", "config", "no_progress", "save_every_steps", "eval_batch_size", "world_size_total",
+    "batch_per_process", "normalization",
     "wandb", "tb_embeddings",  # dashboards
     # same maths, another execution path (amp, which changes numerics, is not in this list)
     "channels_last", "data_path", "fast", "deterministic",

@@ -133,7 +133,8 @@ def limit_cpu_threads(ctx: du.DistContext, node_procs: int) -> None:
 def per_process(total: int, nprocs: int, flag: str) -> int:
     """This process's share of a per-node total (``flag`` names it in the error)."""
     if total < nprocs:
-        raise ConfigError(f"{flag} {total} is smaller than the {nprocs} processes of this node; raise it")
+        raise ConfigError(f"{flag} {total} is smaller than the {nprocs} processes of this node; raise it to at least "
+                          f"{nprocs}, or start fewer processes")
     return total // nprocs
 
 

@@ -28,6 +28,10 @@ def validate_lmcl_args(args: Any) -> None:
                           "drop --cohort branched")
     for name in parse_arch_names(args.arch, args.number_net):
         get_plan(name)  # a ConfigError naming the L-MCL architectures
+    for flag, value in (("--init-from", getattr(args, "init_from", None)), ("--compile", getattr(args, "compile", False)),
+                        ("--sync-bn", getattr(args, "sync_bn", False))):
+        if value:
+            raise ConfigError(f"--method lmcl does not support {flag} yet; drop it (it works with --method mcl)")
 
 
 def lmcl_objective(args: Any) -> LMCLObjective:

@@ -10,8 +10,15 @@ from typing import Any, Dict, List, Optional
 from utils.dashboard import (CONFIG_TAG, IMAGES_TAG, TensorBoardBoard, WandbBoard, config_markdown,
                              epoch_scalars, final_scalars, flat_config, image_grid, thumbnails)
 from utils.errors import ConfigError
+from utils.machine import provenance
 
 RUN_FILES = ("checkpoint.pth.tar", "metrics.jsonl", "summary.json")
+# What config.json records besides the flags: what the run found (classes, topology, normalisation)
+# and where and how it ran (provenance). ``--config config.json`` skips these keys.
+RECORDED_KEYS = frozenset({
+    "script", "topology", "num_classes", "n_data", "world_size", "world_size_total", "batch_per_process",
+    "versions", "provenance", "normalization",
+})
 LOCK_FILE = ".lock"
 _held_locks: Dict[str, Any] = {}  # run directory -> open lock file, for the life of the process
 
@@ -126,9 +133,11 @@ class RunLogger:
         return os.path.join(self.run_dir, "metrics.jsonl")
 
     def write_config(self, config: Dict[str, Any]) -> None:
+        """config.json: ``config`` (the flags and what the run found) and the run's provenance
+        (utils.machine.provenance: command line, git commit, host, hardware, versions)."""
         if self.enabled:
             self.config = config
-            _write_json_atomic(os.path.join(self.run_dir, "config.json"), config)
+            _write_json_atomic(os.path.join(self.run_dir, "config.json"), {**config, "provenance": provenance()})
 
     def begin(self, epochs_done: int, steps_done: int) -> None:
         """The run (re)starts after ``epochs_done`` epochs and ``steps_done`` optimizer steps in all: keep the

@@ -11,6 +11,7 @@ import torch.nn as nn
 from losses.mcl import build_projection_heads
 from models import build_cohort, count_multiply_adds
 from models.cohort import parse_arch_names, resolve_topology
+from models.init_from import init_networks, parse_init_from
 from utils.checkpoint import (best_checkpoint_path, check_compatible, flag_of_field, latest_checkpoint_path,
                               load_checkpoint, remove_stale_temporaries, seed_everything)
 from utils.errors import CheckpointError, ConfigError
@@ -37,7 +38,7 @@ def validate_cohort_args(number_net: int, alpha: float, gamma: float, beta: floa
 def default_run_name(dataset: str, arch: str, number_net: int, topology: str, alpha: float, gamma: float,
                      beta: float, lam: float, logit_distill: bool, seed: int, method: str = "mcl") -> str:
     """e.g. cifar100_resnet32_n2_independent_a0.1_g1.0_b0.1_l1.0_seed0 (L-MCL: ..._independent_lmcl_a0.1...)."""
-    name = (f"{dataset}_{arch.replace(',', '+')}_n{number_net}_{topology}{'_lmcl' if method == 'lmcl' else ''}"
+    name = (f"{dataset}_{arch.replace(',', '+').replace(':', '-')}_n{number_net}_{topology}{'_lmcl' if method == 'lmcl' else ''}"
             f"_a{alpha:g}_g{gamma:g}_b{beta:g}_l{lam:g}")
     if logit_distill:
         name += "_kd"
@@ -66,7 +67,8 @@ def resolve_resume(resume: Optional[str], resume_checkpoint: Optional[str], run_
 MAY_CHANGE_ON_RESUME = frozenset({
     "epochs", "start_epoch",  # raise --epochs to train longer
     "data", "data_path", "checkpoint", "checkpoint_dir", "run_name", "knn_data", "resume", "resume_checkpoint",
-    "evaluate", "evaluate_checkpoint", "overwrite",  # paths and what to do
+    "evaluate", "evaluate_checkpoint", "overwrite", "config",  # paths and what to do
+    "init_from",  # the starting weights, which a resumed run takes from its checkpoint instead
     "device", "gpu_id", "gpu", "gpu_ids", "dist_url", "dist_backend", "dist_timeout", "world_size", "rank",
     "multiprocessing_distributed", "num_workers", "workers", "threads", "deterministic",  # where it runs
     "amp", "fast", "channels_last", "compile", "sync_bn",  # precision, memory layout, compilation, BN sync
@@ -241,13 +243,23 @@ def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.Argum
 def check_resume_classes(plan: RunPlan, num_classes: int, data_description: str) -> None:
     if plan.ckpt is not None and plan.ckpt["num_classes"] != num_classes:
         raise ConfigError(f"{plan.resume_path} was trained for {plan.ckpt['num_classes']} classes but "
-                          f"{data_description} has {num_classes}")
+                          f"{data_description} has {num_classes}; resume with the data it was trained on, or start "
+                          "a new run (another --run-name, or --overwrite)")
 
 
-def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, device: torch.device):
-    """(cohort, cohort with heads on ``device``, SGD) from the flags, seeded by --manual_seed."""
+def build_model_and_optimizer(args: Any, num_classes: int, uses_contrast: bool, device: torch.device,
+                              resuming: bool = False):
+    """(cohort, cohort with heads on ``device``, SGD) from the flags, seeded by --manual_seed.
+
+    The networks --init-from names start from those files unless the run resumes (its
+    checkpoint then holds the weights).
+    """
     seed_everything(args.manual_seed)
     cohort = build_cohort(args.arch, args.number_net, num_classes, args.cohort)
+    if not resuming:
+        for line in init_networks(cohort, parse_init_from(getattr(args, "init_from", None), args.number_net)):
+            if not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+                print(line, flush=True)
     heads = build_projection_heads(cohort.feature_dims, args.feat_dim) if uses_contrast else None
     model = CohortWithHeads(cohort, heads).to(device)
     if args.channels_last:

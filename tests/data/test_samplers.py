@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data.samplers import MPerClassBatchSampler, ShardedEvalSampler, _choose_positions
+from data.samplers import MPerClassBatchSampler, ShardedEvalSampler, _choose_positions, smallest_m
 from utils.errors import ConfigError
 
 LABELS = np.repeat(np.arange(10), 30)  # 300 images, 10 classes
@@ -39,15 +39,23 @@ def test_length_option_and_small_classes_use_replacement():
 @pytest.mark.parametrize(
     "kwargs, text",
     [
-        (dict(m=3, batch_size=128), "not divisible by --m-per-class 3"),
-        (dict(m=2, batch_size=30), "classes"),
+        (dict(m=3, batch_size=128), r"not divisible by --m-per-class 3; use a --batch-size that is a multiple of 3 "
+                                    r"\(e.g. 126\) or an --m-per-class that divides 128"),
+        (dict(m=2, batch_size=30), r"lower --batch-size to at most 20, raise --m-per-class to 3 .* "
+                                   r"\(--synthetic-classes with --dataset synthetic\)"),
         (dict(m=2, batch_size=12, world_size=5), "number of processes 5"),
-        (dict(m=2, batch_size=12, length=8), "shorter"),
+        (dict(m=2, batch_size=12, length=8), "shorter than --batch-size 12; lower --batch-size or train on more "
+                                             r"images \(--train-per-class, --synthetic-size\)"),
     ],
 )
 def test_config_errors(kwargs, text):
     with pytest.raises(ConfigError, match=text):
         MPerClassBatchSampler(LABELS, **kwargs)
+
+
+@pytest.mark.parametrize("batch,classes,m", [(128, 10, 16), (30, 10, 3), (12, 12, 1), (7, 2, 7), (64, 100, 1)])
+def test_smallest_m_divides_the_batch_and_fills_it(batch, classes, m):
+    assert smallest_m(batch, classes) == m
 
 
 def test_ranks_split_the_global_batch():

@@ -262,6 +262,37 @@ def test_torchvision_model_feature_is_input_of_its_classifier():
     assert not any(isinstance(m, nn.Linear) and m.out_features == 10 for m in net.stem.modules())
 
 
+def test_timm_model_in_a_mixed_cohort():
+    timm = pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
+    cohort = build_cohort("timm:convnext_atto,resnet32", 2, 10)
+    assert cohort.topology == "independent" and cohort.arch_names == ["timm:convnext_atto", "resnet32"]
+    reference = timm.create_model("convnext_atto", num_classes=10)
+    assert cohort.feature_dims == [reference.num_features, 64]
+    net = cohort.member(0).eval()
+    with torch.no_grad():
+        logits, features = cohort.eval()(torch.randn(2, 3, 32, 32))
+        assert torch.allclose(net.branch.fc(features[0]), logits[0])
+    assert [t.shape for t in logits] == [(2, 10)] * 2
+    assert net.stem.classifier_name == "head.fc"
+    assert count_parameters(net) == count_parameters(reference)
+
+
+def test_timm_names_are_checked_and_never_branched():
+    pytest.importorskip("timm", reason="timm is an optional extra (pip install timm)")
+    with pytest.raises(ConfigError, match=r"timm has no model 'convnext_atom' \(close: convnext_atto"):
+        build_cohort("timm:convnext_atom", 2, 10)
+    with pytest.raises(ConfigError, match="cannot be branched"):
+        build_cohort("timm:convnext_atto", 3, 10, "branched")
+    assert build_cohort("timm:convnext_atto", 3, 10).topology == "independent"
+
+
+def test_a_timm_name_without_timm_says_how_to_install_it(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(ConfigError, match=r"need the timm package: pip install timm"):
+        build_cohort("timm:convnext_atto,resnet32", 2, 10)
+
+
 @pytest.mark.parametrize("number_net", [2, 3, 4])
 @pytest.mark.parametrize("topology", ["independent", "branched"])
 @pytest.mark.parametrize("name", CIFAR_ARCHS)

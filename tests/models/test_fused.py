@@ -175,6 +175,35 @@ def test_a_failed_build_warns_once_and_runs_eager(monkeypatch):
     assert fused.fused_kernel() is None  # no second attempt, no second warning
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_first_build_is_announced_in_one_line(monkeypatch, capsys, cached):
+    monkeypatch.delenv("MCL_FUSED_BN", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(fused, "_cpu_has_avx512_bf16", lambda: True)
+    monkeypatch.setattr(fused.sys, "platform", "linux")
+    monkeypatch.setattr(fused, "_build", lambda: "kernel")
+    monkeypatch.setattr(fused, "_cached_build", lambda: (cached, "/cache/mcl_bn_relu_cpu"))
+    assert fused._load() == ("kernel", None)
+    out = capsys.readouterr().out
+    if cached:
+        assert out == ""
+    else:
+        assert out.count("\n") == 1 and "building the fused BatchNorm+ReLU CPU kernel" in out
+        assert "once" in out and "/cache/mcl_bn_relu_cpu" in out
+
+
+def test_the_cache_check_compares_with_the_source(monkeypatch, tmp_path):
+    class FakeExtension:
+        @staticmethod
+        def _get_build_directory(name, verbose):
+            return str(tmp_path)
+
+    monkeypatch.setattr(fused, "_cpp_extension", lambda: FakeExtension)
+    assert fused._cached_build() == (False, str(tmp_path))
+    (tmp_path / "mcl_bn_relu_cpu.so").write_bytes(b"")
+    assert fused._cached_build()[0]
+
+
 def test_one_value_per_channel_is_left_to_eager():
     bn = nn.BatchNorm2d(16)
     assert not fused.can_fuse(bn, channels_last_bf16(torch.randn(1, 16, 1, 1)), None)

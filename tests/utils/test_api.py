@@ -59,6 +59,14 @@ def test_a_flag_dict_becomes_the_command_line():
                                                                                          "--aug-plus"]
 
 
+def test_a_recorded_config_dict_skips_what_the_run_found_and_may_name_a_config_file():
+    recorded = {"arch": "resnet32", "topology": "independent", "num_classes": 100, "versions": {"torch": "x"},
+                "provenance": {"host": "h"}, "normalization": {"mean": [0.5]}, "init_from": ["1=net.pth"]}
+    assert api.config_to_argv("main_cifar", recorded) == ["--arch", "resnet32", "--init-from", "1=net.pth"]
+    assert api.config_to_argv("main_cifar", {"config": "run.yaml", "alpha": 0.1}) == ["--config", "run.yaml",
+                                                                                    "--alpha", "0.1"]
+
+
 def test_unknown_keys_and_scripts_are_refused_by_name():
     with pytest.raises(ConfigError, match="unknown flag 'init_lrr' \\(did you mean 'init_lr'\\?\\)"):
         api.config_to_argv("main_cifar", {"init_lrr": 0.1})

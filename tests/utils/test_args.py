@@ -13,9 +13,10 @@ import main_imagenet
 import main_lincls
 import main_moco_mcl
 from tests.script_helpers import load_script
-from utils.args import NUMERIC_RULES, check_numeric_flags
+from utils.args import NUMERIC_RULES, cap_workers, check_numeric_flags
 from utils.cli import run_main
 from utils.errors import ConfigError
+from utils.machine import available_cpus
 
 SCRIPTS = {
     "main_cifar": (main_cifar, []),
@@ -91,3 +92,31 @@ def test_list_flags_check_every_value():
     parser = main_cifar.build_parser()
     with pytest.raises(ConfigError, match="--milestones must be at least 0 .got -5."):
         check_numeric_flags(parser, parser.parse_args(["--milestones", "10", "-5"]))
+
+
+# ----------------------------------------------------------------------------- DataLoader workers
+
+def test_workers_are_capped_at_the_cpus_once_with_a_note(capsys, monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    args = argparse.Namespace(num_workers=8, workers=32)
+    cap_workers(args, cpus=4)
+    assert (args.num_workers, args.workers) == (4, 4)
+    out = capsys.readouterr().out
+    assert "--num-workers 8 lowered to 4" in out and "--workers 32 lowered to 4" in out and out.count("\n") == 2
+    cap_workers(args, cpus=4)  # nothing left to lower: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_num_workers_share_the_cpus_among_torchrun_processes(capsys, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = argparse.Namespace(num_workers=8, workers=8)
+    cap_workers(args, cpus=4)
+    assert (args.num_workers, args.workers) == (2, 4)  # --workers is per node and split later
+    assert "shared by the 2 processes of this node" in capsys.readouterr().out
+
+
+def test_zero_workers_stay_zero_and_parsing_caps():
+    args = argparse.Namespace(num_workers=0)
+    cap_workers(args, cpus=1, quiet=True)
+    assert args.num_workers == 0
+    assert main_cifar.parse_args(["--num-workers", "100000"]).num_workers <= available_cpus()
