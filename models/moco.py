@@ -20,7 +20,7 @@ Queue size: ``enqueue`` wraps around the end of the queue, so K need not be a
 multiple of the global batch (the original asserted that). A global batch larger
 than K is refused by :func:`check_queue_size` at start-up.
 """
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -131,10 +131,12 @@ def momentum_update(key_encoder: nn.Module, query_encoder: nn.Module, m: float) 
 
 
 @torch.no_grad()
-def write_into_queue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
+def write_into_queue(queue: torch.Tensor, ptr: Union[int, torch.Tensor], keys: torch.Tensor
+                     ) -> Union[int, torch.Tensor]:
     """Overwrite columns ptr, ptr+1, ... (mod K) of queue (D, K) with keys (M, D), M <= K.
 
-    Returns the new pointer (ptr + M) mod K.
+    Returns the new pointer (ptr + M) mod K. A 0-dim device tensor ``ptr`` never waits for the
+    device (the training step reads no pointer on the host).
     """
     size = queue.size(1)
     cols = (ptr + torch.arange(keys.size(0), device=queue.device)) % size
@@ -196,7 +198,7 @@ class MoCoMCL(nn.Module):
         """Gather each network's keys (B, D) over ranks and write them into its queue."""
         for n, k in enumerate(keys):
             k_all = gather_nograd(k.detach(), self.world_size)
-            ptr = write_into_queue(self.queue[n], int(self.queue_ptr[n]), k_all)
+            ptr = write_into_queue(self.queue[n], self.queue_ptr[n], k_all)
             self.queue_ptr[n] = ptr
 
     @torch.no_grad()
