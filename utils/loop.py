@@ -169,8 +169,8 @@ class RunLoop(RunDirCheckpoints):
     def save(self, path: Optional[str] = None, for_best: bool = False) -> None:
         """Write the latest checkpoint (or ``path``) on rank 0, never one holding a NaN or infinity.
 
-        Every rank calls it; when rank 0 cannot save (a non-finite weight, a full disk), every rank
-        stops with its error.
+        Every rank calls it, at the same point; when rank 0 cannot save (a non-finite weight, a full
+        disk), every rank stops with its error.
         """
         du.decided_on_main(lambda: self._write(path, for_best))
         if path is None:
@@ -352,7 +352,7 @@ class RunLoop(RunDirCheckpoints):
         s.epoch, s.step = s.epoch + 1, 0
         s.train_meter, s.train_acc = SumMeter(), AccuracyCounter(self.method.num_heads)
         s.elapsed, s.images = 0.0, 0
-        if is_best and self.method.saves_best:
+        if du.decided_on_main(lambda: is_best and self.method.saves_best):  # save() needs every rank
             self.save(self.best_path, for_best=True)
         self.logger.log_epoch(record)
         self.save()

@@ -11,7 +11,7 @@ from utils.loop import RunLoop, first_non_finite
 from utils.step_log import PendingSteps
 
 from tests import ROOT  # noqa: E402
-from tests.utils.test_start import RUN, two_nodes
+from tests.two_nodes import RUN, two_nodes
 
 
 def test_a_read_gives_every_queued_step_and_finds_a_nan():
