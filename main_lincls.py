@@ -35,11 +35,13 @@ from utils.errors import CheckpointError, ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.lincls import LinearMethod, evaluate, freeze_all_but_fc, frozen_snapshot, prepare_model
 from utils.run_files import RunLogger
-from utils.loop import LoopConfig, RunLoop, already_finished
+from utils.loop import LoopConfig, RunLoop
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.precision import Precision, validate_precision
 from utils.step_module import step_module
-from utils.script_setup import claim_run_dir, configure_determinism, load_for_evaluation, load_for_resume, resolve_resume
+from utils.script_setup import (configure_determinism, load_for_evaluation, load_for_resume, resolve_resume,
+                                start_on_main)
+from utils.start import Start, decide_start
 
 DEFAULT_ARCH = "resnet50"
 SCRIPT = "main_lincls"
@@ -105,13 +107,16 @@ def pretrained_backbone(args) -> Tuple[Optional[Dict[str, torch.Tensor]], str, s
     return state, args.arch or pre_arch or DEFAULT_ARCH, what
 
 
-def load_resume(args: argparse.Namespace, path: Optional[str], arch: str) -> Optional[Dict]:
-    """The --resume checkpoint: one of this script, trained with these flags (-e: any of this script)."""
-    if path is None:
-        return None
-    if args.evaluate:
-        return load_for_evaluation(path, SCRIPT, "--resume")
-    return load_for_resume(path, SCRIPT, args, build_parser(), {"arch": arch})
+def decide_resume(args: argparse.Namespace, run_dir: str, arch: str) -> Start:
+    """Where the run starts, decided by rank 0 for every rank (utils.start): training resumes a checkpoint
+    of this script trained with these flags; -e evaluates the --resume checkpoint (any of this script)."""
+    if not args.evaluate:
+        def load(path: str) -> Dict:
+            return load_for_resume(path, SCRIPT, args, build_parser(), {"arch": arch})
+
+        return decide_start(lambda: start_on_main(args, run_dir, "--checkpoint", None, load))
+    path = du.decided_on_main(lambda: resolve_resume(args.resume, None, run_dir))
+    return Start(path, load_for_evaluation(path, SCRIPT, "--resume")) if path is not None else Start()
 
 
 def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
@@ -119,15 +124,14 @@ def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     run_dir = os.path.join(args.checkpoint, args.run_name or f"lincls_{args.arch or 'pretrained'}_net{args.net_index}")
-    if ctx.is_main and not args.evaluate:
-        claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
     seed = args.seed if args.seed is not None else 0
     seed_everything(seed)
-    resume_path = resolve_resume(args.resume, None, run_dir)
-    state, arch, what = pretrained_backbone(args)
-    ckpt = load_resume(args, resume_path, arch)
-    if not args.evaluate and already_finished(ckpt, args.epochs, resume_path, ctx.is_main):
+    # Every rank reads --pretrained (an input, like --data); one that cannot stops them all.
+    state, arch, what = du.on_every_rank(lambda: pretrained_backbone(args))
+    start = decide_resume(args, run_dir, arch)
+    if start.finished:
         return 0
+    resume_path, ckpt = start.resume_path, start.ckpt
     train_loader, val_loader, num_classes = build_loaders(args, ctx, batch, workers, seed)
     model = prepare_model(arch, state, num_classes, args.pretrained)
     if ckpt is not None and (ckpt.get("arch") != arch or ckpt.get("num_classes") != num_classes):

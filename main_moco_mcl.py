@@ -35,12 +35,13 @@ from data.samplers import EpochShuffleBatchSampler, SamplerControlledLoader, Sha
 from utils.errors import ConfigError
 from utils.launch import launch, node_share, run_in_group
 from utils.run_files import RunLogger
-from utils.loop import LoopConfig, RunLoop, already_finished
+from utils.loop import LoopConfig, RunLoop
 from utils.args import add_distributed_args, add_loop_args, add_moco_additions, apply_fast, parse_flags
 from utils.moco_pretrain import MocoMethod, link_final_checkpoint, sampler_seed_for
 from utils.precision import Precision, validate_precision
 from utils.step_module import step_module
-from utils.script_setup import claim_run_dir, configure_determinism, load_for_resume, resolve_resume
+from utils.script_setup import configure_determinism, load_for_resume, start_on_main
+from utils.start import Start, decide_start
 
 SCRIPT = "main_moco_mcl"
 
@@ -157,20 +158,26 @@ def describe_run(args: argparse.Namespace, ctx: du.DistContext, images: int, bat
             f"batch {batch} per process; {where}")
 
 
+def start_on_main_linked(args: argparse.Namespace, run_dir: str) -> Start:
+    """Rank 0's decision of where the run starts (utils.script_setup.start_on_main); for a finished
+    run also the final checkpoint's links, which a kill may have come before."""
+    start = start_on_main(args, run_dir, "--checkpoint", None, lambda path: load_for_resume(path, SCRIPT, args,
+                                                                                            build_parser()))
+    if start.finished:
+        link_final_checkpoint(run_dir, int(start.ckpt["epoch"]))
+    return start
+
+
 def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
     validate_precision(args.amp, ctx.device)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     check_queue_size(args.moco_k, batch * ctx.world_size)
     run_dir = os.path.join(args.checkpoint, args.run_name or default_run_name(args))
-    if ctx.is_main:
-        claim_run_dir(run_dir, "--checkpoint", args.resume is not None, args.overwrite)
-    resume_path = resolve_resume(args.resume, None, run_dir)
-    ckpt = load_for_resume(resume_path, SCRIPT, args, build_parser()) if resume_path else None
-    if already_finished(ckpt, args.epochs, resume_path, ctx.is_main, " (raise --epochs to train longer)"):
-        if ctx.is_main:  # a kill may have come between the finished checkpoint and its links
-            link_final_checkpoint(run_dir, int(ckpt["epoch"]))
+    start = decide_start(lambda: start_on_main_linked(args, run_dir))
+    if start.finished:
         return 0
+    resume_path, ckpt = start.resume_path, start.ckpt
     model = build_model(args, ctx)
     ddp_model = step_module(model, ctx, compile=args.compile, not_broadcast=model.RANK_IDENTICAL_BUFFERS)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -64,7 +64,7 @@ def _free_port() -> int:
 class StopAfterFirstStep(StopRequest):
     """Behaves as if SIGTERM arrived during the first step."""
 
-    def agreed(self, device):
+    def requested(self):
         self.signum = signal.SIGTERM
         return signal.SIGTERM
 

@@ -11,6 +11,7 @@ Backend: NCCL when the device is CUDA, gloo on CPU.
 import datetime
 import gc
 import os
+import pickle
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -18,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, PeerError, UserError
 
 DEVICES = ("auto", "cpu", "cuda")
 # How long a collective waits for the slowest rank: well above the work rank 0 does alone
@@ -318,3 +319,78 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+# ----------------------------------------------------------------------------- deciding together
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def all_gather_object(obj: Any) -> List[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a group)."""
+    if world_size() == 1:
+        return [obj]
+    out: List[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def portable_error(error: Exception, source: int) -> UserError:
+    """``error`` as another rank can raise it: the user error itself when it survives pickling,
+    else a PeerError naming it (its traceback stays with the process of rank ``source``)."""
+    if isinstance(error, UserError):
+        try:
+            return pickle.loads(pickle.dumps(error))
+        except Exception:
+            copy = PeerError(str(error))
+            copy.exit_code = error.exit_code
+            return copy
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return PeerError(f"process {source} of the group stopped with {type(error).__name__}: {first_line}")
+
+
+def decided_on_main(decide: Callable[[], Any]) -> Any:
+    """``decide()`` run on rank 0 alone, its result given to every rank (pickled: CPU objects).
+
+    An exception it raises is raised on every rank -- on rank 0 itself, on the others the
+    same user error (or a PeerError naming it) -- so no rank waits in a collective for a rank
+    that has stopped.
+    """
+    if world_size() == 1:
+        return decide()
+    outcome: Any = None
+    error: Optional[Exception] = None
+    if rank() == 0:
+        try:
+            outcome = ("ok", decide())
+        except Exception as err:
+            error = err
+            outcome = ("error", portable_error(err, 0))
+    outcome = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def on_every_rank(step: Callable[[], Any]) -> Any:
+    """``step()`` on every rank, then every rank learns whether all succeeded: when any rank
+    raised, every rank raises (its own error, or the first failing rank's), none waits."""
+    try:
+        value, error = step(), None
+    except Exception as err:
+        value, error = None, err
+    reports = all_gather_object(None if error is None else portable_error(error, rank()))
+    if error is not None:
+        raise error
+    for report in reports:
+        if report is not None:
+            raise report
+    return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is True on any rank."""
+    return any(all_gather_object(bool(flag)))

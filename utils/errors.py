@@ -34,3 +34,10 @@ def user_message(err: UserError) -> str:
         if sep and name.split(".")[-1] == type(err).__name__:
             return message
     return text
+
+
+class PeerError(UserError):
+    """Another process of the group stopped with an error that is not a user error (it printed its
+    traceback); this process stops with it."""
+
+    exit_code = 1

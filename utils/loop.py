@@ -7,8 +7,12 @@ loop does the rest the same way for every method:
 
 - the learning-rate schedule of each epoch, the epoch's batches from the resumable
   train data (``set_epoch``, ``set_start_batch``, ``len`` = batches left), progress;
-- one optimizer step (through the fp16 gradient scaler under ``--amp fp16``), the
-  non-finite loss check (one host synchronisation per step reads every logged value);
+- one optimizer step (through the fp16 gradient scaler under ``--amp fp16``) that never
+  waits for the device: its logged values stay there until the loop reads them all at
+  once (utils/step_log.py), every ``LoopConfig.read_every`` steps, every ``log_freq`` steps
+  (the dashboards' step values), before a checkpoint and at the epoch's end. That read is the loop's one host synchronisation; it also checks the
+  values for NaN and infinity and agrees on a stop signal over all ranks, so every rank
+  stops after the same step (a NaN of one rank stops them all, exit code 3);
 - checkpoints: the latest after every epoch, every ``save_every_steps`` steps and on
   SIGTERM/SIGINT; ``best.pth.tar`` at the best epoch; exact resume at any step;
 - the run directory's metrics.jsonl, log.txt and summary.json, and the dashboards (TensorBoard, W&B:
@@ -27,7 +31,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,6 +47,7 @@ from utils.precision import Precision, backward_and_step, make_grad_scaler
 from utils.progress import format_duration
 from utils.run_files import RunLogger, read_metrics, unlock_run_dir
 from utils.schedule import lr_at_epoch, set_lr
+from utils.step_log import PendingSteps, Reading
 from utils.stop import StopRequest, debug_signal
 
 
@@ -64,6 +69,9 @@ def first_non_finite(tensors: Dict[str, Any], prefix: str = "") -> Optional[str]
     return None
 
 
+DEFAULT_READ_EVERY = 10  # steps between reads of the logged values without --print-freq
+
+
 @dataclass
 class LoopConfig:
     """How the run loop runs (everything but the maths)."""
@@ -77,6 +85,12 @@ class LoopConfig:
     progress: bool = True  # a tqdm bar when stdout is a terminal
     print_freq: int = 0  # a progress line every N steps (0 = none)
     log_freq: int = 0  # the step's loss terms to the dashboards every N steps (0 = none)
+
+    @property
+    def read_every(self) -> int:
+        """Steps between two reads of the logged values (utils/step_log.py): the console's --print-freq,
+        else 10 (the dashboards' ``log_freq`` steps are read as well)."""
+        return self.print_freq or DEFAULT_READ_EVERY
 
     @classmethod
     def from_flags(cls, args: Any) -> "LoopConfig":
@@ -143,10 +157,13 @@ class RunLoop(RunDirCheckpoints):
         self.state = RunState(train_acc=AccuracyCounter(method.num_heads))
         self.scaler = make_grad_scaler(precision.amp)
         self.stop = StopRequest()
+        self.pending = PendingSteps(method.terms)
+        self.stop_signum: Optional[int] = None  # the stop signal the ranks agreed on
         self.last_saved: Optional[str] = None  # the newest checkpoint this run wrote or resumed from
         self._steps_this_process = 0
         self._debug_signal = debug_signal(ctx.rank)
         self._epoch_costs: List[float] = []  # seconds of each epoch ended in this process (training + evaluation)
+        self._bar = None  # the epoch's progress bar, while it runs
 
     # ----- checkpoints -------------------------------------------------------
     def checkpoint(self, for_best: bool = False) -> Dict[str, Any]:
@@ -168,13 +185,18 @@ class RunLoop(RunDirCheckpoints):
         }
 
     def save(self, path: Optional[str] = None, for_best: bool = False) -> None:
-        """Write the latest checkpoint (or ``path``), on rank 0 only; never one holding a NaN or infinity."""
-        if not self.ctx.is_main:
-            return
-        self.check_finite_state()
-        atomic_save(self.checkpoint(for_best), path or self.latest_path)
+        """Write the latest checkpoint (or ``path``) on rank 0, never one holding a NaN or infinity.
+
+        Every rank calls it, at the same point; when rank 0 cannot save (a non-finite weight, a full
+        disk), every rank stops with its error.
+        """
+        du.decided_on_main(lambda: self._write(path, for_best))
         if path is None:
             self.last_saved = self.latest_path
+
+    def _write(self, path: Optional[str], for_best: bool) -> None:
+        self.check_finite_state()
+        atomic_save(self.checkpoint(for_best), path or self.latest_path)
 
     def check_finite_state(self) -> None:
         """NonFiniteLossError when a weight, buffer or optimizer state holds a NaN or infinity."""
@@ -225,26 +247,53 @@ class RunLoop(RunDirCheckpoints):
         return f"resuming {resumed_from} at epoch {s.epoch + 1} step {s.step}" if resumed_from else "starting"
 
     # ----- one step / one epoch ---------------------------------------------
-    def train_step(self, raw: Any) -> Tuple[Dict[str, float], int]:
-        """One optimizer step on one loader batch -> (logged values, local batch size)."""
-        method, s = self.method, self.state
+    def train_step(self, raw: Any) -> int:
+        """One optimizer step on one loader batch, without waiting for the device: its logged values
+        join ``pending`` (a non-finite one is found when they are read). Returns the local batch size."""
+        method = self.method
         inputs, targets = method.to_device(raw)
         if self._steps_this_process == 0 and self.logger.wants_sample_images:
             self.logger.log_sample_images(method.sample_images(inputs))
         self.optimizer.zero_grad(set_to_none=True)
         out = method.forward(inputs, targets)
-        values = torch.stack([out.terms[k].detach().float() for k in method.terms]).tolist()  # one sync
-        named = dict(zip(method.terms, values))
-        if not all(math.isfinite(v) for v in values):
-            detail = ", ".join(f"{k}={v:.6g}" for k, v in named.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {s.epoch + 1} step {s.step}: {detail}; {self._good_checkpoint_hint()}"
-                + (" or use --amp none" if self.precision.amp != "none" else ""))
+        batch = int(out.targets.size(0))
+        self.pending.add(self.state.step, torch.stack([out.terms[k].detach().float() for k in method.terms]), batch)
         backward_and_step(out.terms["loss"], self.optimizer, self.scaler)
         if out.after_update is not None:
             out.after_update()
-        s.train_acc.update(out.logits, out.targets)
-        return named, int(out.targets.size(0))
+        self.state.train_acc.update(out.logits, out.targets)
+        return batch
+
+    def read_pending(self, lr: float, total: int) -> Optional[int]:
+        """Read the queued step values (utils/step_log.py): into the epoch's meter, the progress line;
+        NonFiniteLossError on every rank when any rank's values hold a NaN or infinity (nothing is
+        saved after such a step). Returns the stop signal the ranks agreed on, or None."""
+        reading = self.pending.read(self.stop.requested(), self.ctx.device)
+        if reading.non_finite:
+            raise self._non_finite_error(reading)
+        for step, named, batch in reading.steps:
+            self.state.train_meter.update(named, batch)
+            self._log_step(step + 1, named, lr, total)
+        if reading.steps:
+            self._show_values(reading.steps[-1][1], lr, total)
+        self.stop_signum = reading.signum
+        return reading.signum
+
+    def _log_step(self, done: int, named: Dict[str, float], lr: float, total: int) -> None:
+        """The dashboards' values of the epoch's ``done``-th step, every ``log_freq`` steps (read then: see
+        ``_read_due``)."""
+        if self.config.log_freq and done % self.config.log_freq == 0:
+            self.logger.log_steps(step_scalars(named, lr), self.state.epoch * total + done)
+
+    def _non_finite_error(self, reading: Reading) -> NonFiniteLossError:
+        s, hint = self.state, self._good_checkpoint_hint()
+        for step, named, _ in reading.steps:
+            if not all(math.isfinite(v) for v in named.values()):
+                detail = ", ".join(f"{k}={v:.6g}" for k, v in named.items())
+                return NonFiniteLossError(
+                    f"non-finite loss at epoch {s.epoch + 1} step {step}: {detail}; {hint}"
+                    + (" or use --amp none" if self.precision.amp != "none" else ""))
+        return NonFiniteLossError(f"non-finite loss in another process by epoch {s.epoch + 1} step {s.step}; {hint}")
 
     def train_epoch(self) -> bool:
         """Train the rest of ``state.epoch``; False when stopped by a signal."""
@@ -256,19 +305,21 @@ class RunLoop(RunDirCheckpoints):
         bar = _progress(total, s.step, f"epoch {s.epoch + 1}/{cfg.epochs}", cfg.progress and ctx.is_main)
         tic = time.perf_counter()
         stopped = False
+        self._bar = bar
         for raw in itertools.islice(self.train_data, max(total - s.step, 0)):
-            named, local_b = self.train_step(raw)
-            s.train_meter.update(named, local_b)
+            local_b = self.train_step(raw)
             s.images += local_b * ctx.world_size
             s.step += 1
             self._steps_this_process += 1
-            self._show_progress(bar, named, lr, total)
-            if cfg.log_freq and s.step % cfg.log_freq == 0:
-                self.logger.log_steps(step_scalars(named, lr), s.epoch * total + s.step)
             if self._debug_signal is not None and self._steps_this_process == self._debug_signal[0]:
                 os.kill(os.getpid(), self._debug_signal[1])
-            stopped = self.stop.agreed(ctx.device) is not None
-            periodic = s.step < total and cfg.save_every_steps and s.step % cfg.save_every_steps == 0
+            periodic = bool(s.step < total and cfg.save_every_steps and s.step % cfg.save_every_steps == 0)
+            # One process stops after the step a signal came in; a group, at the next read, all together.
+            alone_stopping = ctx.world_size == 1 and self.stop.requested() is not None
+            if periodic or alone_stopping or self._read_due(total):
+                stopped = self.read_pending(lr, total) is not None
+            if bar is not None:
+                bar.update(1)
             if stopped or periodic:
                 s.elapsed += time.perf_counter() - tic
                 tic = time.perf_counter()
@@ -276,8 +327,13 @@ class RunLoop(RunDirCheckpoints):
             if stopped:
                 break
         s.elapsed += time.perf_counter() - tic
+        if len(self.pending):  # the loader ended before ``total`` (after the same step on every rank)
+            stopped = self.read_pending(lr, total) is not None
+            if stopped:
+                self.save()
         if bar is not None:
             bar.close()
+        self._bar = None
         return not stopped
 
     def _epoch_batches(self) -> int:
@@ -288,13 +344,19 @@ class RunLoop(RunDirCheckpoints):
         total = len(self.train_data) + s.step
         return min(total, self.config.max_train_batches) if self.config.max_train_batches else total
 
-    def _show_progress(self, bar, named: Dict[str, float], lr: float, total: int) -> None:
-        s = self.state
+    def _read_due(self, total: int) -> bool:
+        """Whether the values are read after this step: the first, every ``read_every``-th, every
+        ``log_freq``-th (the dashboards' step values), the last of the epoch (the same steps on every rank)."""
+        step, log_freq = self.state.step, self.config.log_freq
+        return (step == 1 or step % self.config.read_every == 0 or bool(log_freq and step % log_freq == 0)
+                or step == total)
+
+    def _show_values(self, named: Dict[str, float], lr: float, total: int) -> None:
+        """The progress bar's figures or the progress line, after a read (``named``: the last step's)."""
+        s, bar = self.state, self._bar
         if bar is not None:
-            if s.step % 10 == 0 or s.step == total:  # reading the counts waits for the GPU
-                acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)
-                bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
-            bar.update(1)
+            acc = 100.0 * s.train_acc.top1[0] / max(s.train_acc.total, 1)  # right after the read: no wait
+            bar.set_postfix(loss=f"{named['loss']:.3f}", top1=f"{acc:.1f}")
         elif self.ctx.is_main and self.config.print_freq and (s.step % self.config.print_freq == 0 or s.step == 1):
             print(self.method.progress_line(s.epoch, s.step, total, lr, named, s.train_acc), flush=True)
 
@@ -304,8 +366,7 @@ class RunLoop(RunDirCheckpoints):
         epoch's end, so a resume redoes the epoch and writes all three again), and log."""
         s = self.state
         self.method.check()
-        if self.ctx.is_main:
-            self.check_finite_state()  # before evaluating and recording weights that overflowed
+        du.decided_on_main(self.check_finite_state)  # before evaluating and recording weights that overflowed
         lr = self.optimizer.param_groups[0]["lr"]
         train = reduced_means(s.train_acc, s.train_meter, self.method.terms, self.ctx.device)
         record: Dict[str, Any] = {
@@ -325,7 +386,7 @@ class RunLoop(RunDirCheckpoints):
         s.epoch, s.step = s.epoch + 1, 0
         s.train_meter, s.train_acc = SumMeter(), AccuracyCounter(self.method.num_heads)
         s.elapsed, s.images = 0.0, 0
-        if is_best and self.method.saves_best:
+        if du.decided_on_main(lambda: is_best and self.method.saves_best):  # save() needs every rank
             self.save(self.best_path, for_best=True)
         self.logger.log_epoch(record, epoch_scalars(record, self.method.train_accuracy_prefix))
         self.save()
@@ -376,13 +437,14 @@ class RunLoop(RunDirCheckpoints):
 
     def _stopped(self) -> int:
         """Say where the stopped run was saved and how to resume; the exit code (130 for SIGINT)."""
-        name = signal.Signals(self.stop.signum or signal.SIGTERM).name
+        signum = self.stop_signum or self.stop.signum or signal.SIGTERM
+        name = signal.Signals(signum).name
         if self.ctx.is_main:
             print(f"{name} received: saved {self.latest_path} at epoch {self.state.epoch + 1} step "
                   f"{self.state.step}. Resume with the same command plus --resume (or --resume "
                   f"{self.latest_path}).", file=sys.stderr, flush=True)
         du.barrier()  # nobody leaves before rank 0 has saved
-        return 130 if self.stop.signum == signal.SIGINT else 0
+        return 130 if signum == signal.SIGINT else 0
 
 
 def already_finished(ckpt: Optional[Dict[str, Any]], epochs: int, path: Optional[str], is_main: bool,

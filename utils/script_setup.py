@@ -3,7 +3,7 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,7 @@ from utils.launch import launch, refuse_data_parallel, run_in_group, visible_dev
 from utils.loop import LoopConfig, RunLoop, already_finished
 from utils.precision import Precision, validate_precision
 from utils.run_files import check_run_dir_free, ensure_writable_dir, lock_run_dir
+from utils.start import Start, decide_start
 from utils.step_module import compiled_function, step_module
 from utils.supervised import CohortWithHeads, SupervisedMethod, evaluate_cohort
 
@@ -145,10 +146,14 @@ def load_for_resume(path: str, script: str, args: argparse.Namespace, parser: ar
 
 
 def load_for_evaluation(path: str, script: str, flag: str) -> Dict[str, Any]:
-    """The checkpoint at ``path`` (named by ``flag``), checked to be one of ``script``."""
-    ckpt = load_checkpoint(path)
-    check_written_by(ckpt, path, script, flag)
-    return ckpt
+    """The checkpoint at ``path`` (named by ``flag``), checked to be one of ``script``: read by rank 0,
+    the same on every rank (every rank must call it; see utils.start)."""
+    def load(p: str) -> Dict[str, Any]:
+        ckpt = load_checkpoint(p)
+        check_written_by(ckpt, p, script, flag)
+        return ckpt
+
+    return shared_checkpoint(path, load)
 
 
 def build_sgd(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -211,9 +216,10 @@ class RunPlan:
 def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.ArgumentParser) -> RunPlan:
     """The steps both supervised scripts take before building data and models.
 
-    Checks precision and device, seeds, resolves the topology and the run directory,
-    and loads the checkpoint to resume (checked to be one of ``script`` trained with
-    the same flags of ``parser``).
+    Checks precision and device, seeds, resolves the topology and the run directory; then
+    rank 0 decides where the run starts (utils.start: it claims the run directory and loads
+    the checkpoint to resume, checked to be one of ``script`` trained with the same flags of
+    ``parser``) and every rank receives that decision and the checkpoint.
     """
     validate_precision(args.amp, ctx.device)
     if args.threads > 0:
@@ -230,14 +236,31 @@ def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.Argum
     plan = RunPlan(topology, os.path.join(args.checkpoint_dir, run_name))
     if args.evaluate:
         return plan
-    plan.resume_path = resolve_resume(args.resume, args.resume_checkpoint, plan.run_dir)
-    if ctx.is_main:
-        claim_run_dir(plan.run_dir, "--checkpoint-dir", args.resume is not None, args.overwrite)
-    if plan.resume_path is not None:
-        plan.ckpt = load_for_resume(plan.resume_path, script, args, parser, {"topology": topology})
-        plan.already_finished = already_finished(plan.ckpt, args.epochs, plan.resume_path, ctx.is_main,
-                                                 " (raise --epochs to train longer)")
+
+    def load(path: str) -> Dict[str, Any]:
+        return load_for_resume(path, script, args, parser, {"topology": topology})
+
+    start = decide_start(lambda: start_on_main(args, plan.run_dir, "--checkpoint-dir", args.resume_checkpoint, load))
+    plan.resume_path, plan.ckpt, plan.already_finished = start.resume_path, start.ckpt, start.finished
     return plan
+
+
+def start_on_main(args: Any, run_dir: str, dir_flag: str, resume_checkpoint: Optional[str],
+                  load: Callable[[str], Dict[str, Any]]) -> Start:
+    """Rank 0's decision of where a training run starts (for utils.start.decide_start): claim the
+    run directory (``dir_flag`` names its flag), resolve --resume in it, read and check the
+    checkpoint with ``load``, and say (on stdout) when it has already run its --epochs."""
+    claim_run_dir(run_dir, dir_flag, args.resume is not None, args.overwrite)
+    path = resolve_resume(args.resume, resume_checkpoint, run_dir)
+    if path is None:
+        return Start()
+    ckpt = load(path)
+    return Start(path, ckpt, already_finished(ckpt, args.epochs, path, True, " (raise --epochs to train longer)"))
+
+
+def shared_checkpoint(path: str, load: Callable[[str], Dict[str, Any]]) -> Dict[str, Any]:
+    """The checkpoint at ``path`` as rank 0 reads it with ``load``, on every rank (see utils.start)."""
+    return decide_start(lambda: Start(path, load(path))).ckpt
 
 
 def check_resume_classes(plan: RunPlan, num_classes: int, data_description: str) -> None:

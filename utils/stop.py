@@ -1,11 +1,8 @@
-"""Stopping a run on request: SIGTERM/SIGINT agreed by every rank, and a test hook that sends a signal."""
+"""Stopping a run on request: SIGTERM/SIGINT (which the run loop agrees on over all ranks), and a test hook that
+sends a signal."""
 import os
 import signal
 from typing import Any, Dict, Optional, Tuple
-
-import torch
-
-from utils import distributed as du
 
 # Test hook: "N", "N:SIGNAME" (default KILL) or "N:SIGNAME:RANK" makes the process (only the
 # one of global rank RANK, when given) send itself that signal right after its N-th training
@@ -58,10 +55,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def agreed(self, device: torch.device) -> Optional[int]:
-        """The signal seen by any rank (so all ranks stop after the same step)."""
-        if du.world_size() == 1:
-            return self.signum
-        flag = torch.tensor([self.signum or 0], device=device)
-        du.all_reduce_max(flag)
-        return int(flag.item()) or None
+    def requested(self) -> Optional[int]:
+        """The signal this process received, or None. The run loop agrees on it over all ranks
+        (utils/step_log.py), so that every rank stops after the same step."""
+        return self.signum
