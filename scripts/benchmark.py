@@ -39,7 +39,9 @@ uses:
   weight network's step; ``--meta-steps`` of them per repeat.
 
 The summary gives the cost of an L-MCL iteration, the normal update plus the meta step
-averaged over ``--meta-freq`` iterations, relative to an MCL step.
+averaged over ``--meta-freq`` iterations, relative to an MCL step; on CPU also from the
+process's CPU time (``cpu_*`` keys), which other processes on a loaded machine disturb
+far less than the wall clock (with ``--threads 1``).
 
 ``--convolutions`` then profiles each mode (torch.profiler) and prints, per mode, the
 milliseconds per step spent in convolutions (forward and backward) and their fraction of
@@ -384,19 +386,24 @@ def lmcl_meta_step_fn(args: argparse.Namespace, batches: List[Batch], num_classe
     return step
 
 
-def lmcl_summary(results: Dict[str, Dict[str, Any]], meta_freq: int) -> Dict[str, float]:
-    """An L-MCL iteration (normal update + meta step / meta_freq) against an MCL step, in seconds and ratios."""
+def lmcl_summary(results: Dict[str, Dict[str, Any]], meta_freq: int, clock: str = "s_per_step") -> Dict[str, float]:
+    """An L-MCL iteration (normal update + meta step / meta_freq) against an MCL step: seconds and ratios.
+
+    clock: "s_per_step" (wall) or "cpu_s_per_step" (this process's CPU time; the keys get a ``cpu_`` prefix).
+    """
+    prefix = "cpu_" if clock == "cpu_s_per_step" else ""
+    seconds = {mode: result[clock] for mode, result in results.items()}
     out: Dict[str, float] = {}
-    if "lmcl" in results and "lmcl_meta" in results:
-        iteration = results["lmcl"]["s_per_step"] + results["lmcl_meta"]["s_per_step"] / meta_freq
-        out["lmcl_s_per_iteration"] = iteration
-        out["ratio_meta_over_normal_update"] = results["lmcl_meta"]["s_per_step"] / results["lmcl"]["s_per_step"]
-        if "mcl" in results:
-            out["ratio_lmcl_iteration_over_mcl"] = iteration / results["mcl"]["s_per_step"]
-    if "mcl" in results:
+    if "lmcl" in seconds and "lmcl_meta" in seconds:
+        iteration = seconds["lmcl"] + seconds["lmcl_meta"] / meta_freq
+        out[prefix + "lmcl_s_per_iteration"] = iteration
+        out[prefix + "ratio_meta_over_normal_update"] = seconds["lmcl_meta"] / seconds["lmcl"]
+        if "mcl" in seconds:
+            out[prefix + "ratio_lmcl_iteration_over_mcl"] = iteration / seconds["mcl"]
+    if "mcl" in seconds:
         for mode, key in (("lmcl", "ratio_normal_update_over_mcl"), ("lmcl_meta", "ratio_meta_step_over_mcl")):
-            if mode in results:
-                out[key] = results[mode]["s_per_step"] / results["mcl"]["s_per_step"]
+            if mode in seconds:
+                out[prefix + key] = seconds[mode] / seconds["mcl"]
     return out
 
 
@@ -434,15 +441,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Step, steps: int, device: torch.device) -> Tuple[float, float]:
-    """(wall seconds, seconds waiting for data) of ``steps`` steps, device work included."""
+def time_steps(step: Step, steps: int, device: torch.device) -> Tuple[float, float, float]:
+    """(wall seconds, seconds waiting for data, CPU seconds of this process) of ``steps`` steps,
+    device work included."""
     synchronize(device)
-    tic = time.perf_counter()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
     data_s = 0.0
     for _ in range(steps):
         data_s += step()
     synchronize(device)
-    return time.perf_counter() - tic, data_s
+    return time.perf_counter() - tic, data_s, time.process_time() - cpu_tic
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -460,7 +468,7 @@ def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace, de
     counts = {mode: (step_counts or {}).get(mode, (args.warmup, args.steps)) for mode in steps_by_mode}
     for mode, step in steps_by_mode.items():
         time_steps(step, counts[mode][0], device)
-    rounds: Dict[str, List[Tuple[float, float]]] = {mode: [] for mode in steps_by_mode}
+    rounds: Dict[str, List[Tuple[float, float, float]]] = {mode: [] for mode in steps_by_mode}
     memory = {mode: 0.0 for mode in steps_by_mode}
     for _ in range(args.repeats):
         for mode, step in steps_by_mode.items():
@@ -471,13 +479,14 @@ def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace, de
     results = {}
     for mode, timings in rounds.items():
         steps = counts[mode][1]
-        per_round = [args.batch_size * steps / wall for wall, _ in timings]
+        per_round = [args.batch_size * steps / wall for wall, _, _ in timings]
         results[mode] = {
             "images_per_s": statistics.median(per_round),
             "images_per_s_rounds": [round(v, 2) for v in per_round],
             "images_per_s_best": max(per_round),
-            "s_per_step": statistics.median(wall / steps for wall, _ in timings),
-            "data_s_per_step": statistics.median(d / steps for _, d in timings),
+            "s_per_step": statistics.median(wall / steps for wall, _, _ in timings),
+            "data_s_per_step": statistics.median(d / steps for _, d, _ in timings),
+            "cpu_s_per_step": statistics.median(cpu / steps for _, _, cpu in timings),
             "timed_steps": steps,
             "peak_memory_mb": round(memory[mode], 1),
         }
@@ -579,6 +588,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary.update(meta_freq=args.meta_freq, times=args.times, meta_steps=args.meta_steps,
                        exact_hypergradient=args.exact_hypergradient, precision="float32",
                        **lmcl_summary(results, args.meta_freq))
+        if device.type == "cpu":  # CPU time: robust to other processes on a shared machine (one thread)
+            summary.update(lmcl_summary(results, args.meta_freq, clock="cpu_s_per_step"))
     if "reference" in results and "fast" in results:
         fast, ref = results["fast"], results["reference"]
         summary["ratio_fast_over_reference"] = fast["images_per_s"] / ref["images_per_s"]

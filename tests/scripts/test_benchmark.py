@@ -100,6 +100,10 @@ def test_lmcl_times_the_normal_update_and_the_meta_step_against_mcl(capsys):
     assert summary["ratio_lmcl_iteration_over_mcl"] == pytest.approx(iteration / seconds["mcl"], rel=1e-12)
     assert summary["ratio_normal_update_over_mcl"] == pytest.approx(seconds["lmcl"] / seconds["mcl"], rel=1e-12)
     assert summary["ratio_meta_step_over_mcl"] == pytest.approx(seconds["lmcl_meta"] / seconds["mcl"], rel=1e-12)
+    cpu_seconds = {line["mode"]: line["cpu_s_per_step"] for line in lines[:3]}
+    cpu_iteration = cpu_seconds["lmcl"] + cpu_seconds["lmcl_meta"] / 10
+    assert summary["cpu_ratio_lmcl_iteration_over_mcl"] == pytest.approx(cpu_iteration / cpu_seconds["mcl"],
+                                                                         rel=1e-12)
     assert "ratio_fast_over_reference" not in summary
 
 
