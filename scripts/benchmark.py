@@ -95,7 +95,8 @@ from utils.script_setup import build_sgd, configure_determinism  # noqa: E402
 MODES = ("reference", "fast")
 LMCL_MODES = ("mcl", "lmcl", "lmcl_meta")
 METHOD_MODES = {"mcl": MODES, "lmcl": LMCL_MODES}
-LMCL_FLAG_RULES = {"meta_freq": AT_LEAST_1, "times": AT_LEAST_0, "meta_steps": AT_LEAST_1}
+# Rules of this script's own numeric flags (parse_flags overrides; utils.args.NUMERIC_RULES has the shared ones).
+NUMERIC_RULE_OVERRIDES = {"meta_freq": AT_LEAST_1, "times": AT_LEAST_0, "meta_steps": AT_LEAST_1}
 Step = Callable[[], float]  # runs one training step, returns the seconds spent waiting for data
 
 
@@ -563,7 +564,7 @@ def build_steps(args: argparse.Namespace, modes: List[str], data: ArrayData,
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_flags(build_parser(), argv, LMCL_FLAG_RULES)
+    args = parse_flags(build_parser(), argv, NUMERIC_RULE_OVERRIDES)
     modes = parse_modes(args.modes, args.method)
     if args.threads:
         torch.set_num_threads(args.threads)
