@@ -80,7 +80,7 @@ from losses.lmcl import StageProjectionHeads  # noqa: E402
 from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
 from models.lmcl import build_lmcl_cohort  # noqa: E402
 from models.lmcl_modules import Aggregator, LossWeightNetwork  # noqa: E402
-from utils.args import AT_LEAST_0, AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
+from utils.args import AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
 from utils.lmcl_step import (CohortWithStageHeads, LMCLObjective, apply_hypergradient,  # noqa: E402
@@ -96,7 +96,7 @@ MODES = ("reference", "fast")
 LMCL_MODES = ("mcl", "lmcl", "lmcl_meta")
 METHOD_MODES = {"mcl": MODES, "lmcl": LMCL_MODES}
 # Rules of this script's own numeric flags (parse_flags overrides; utils.args.NUMERIC_RULES has the shared ones).
-NUMERIC_RULE_OVERRIDES = {"meta_freq": AT_LEAST_1, "times": AT_LEAST_0, "meta_steps": AT_LEAST_1}
+NUMERIC_RULE_OVERRIDES = {"meta_freq": AT_LEAST_1, "times": AT_LEAST_1, "meta_steps": AT_LEAST_1}
 Step = Callable[[], float]  # runs one training step, returns the seconds spent waiting for data
 
 

@@ -35,7 +35,7 @@ ZERO_MEANINGLESS = {
     "epochs", "batch_size", "number_net", "feat_dim", "m_per_class", "init_lr", "lr", "tau", "kd_T", "moco_t",
     "moco_dim", "moco_k", "print_freq", "image_size", "pos_k", "neg_k", "knn_k", "knn_t", "synthetic_size",
     "synthetic_classes", "synthetic_test_size", "rep_dim", "steps", "repeats", "jobs", "dist_timeout",
-    "meta_steps",
+    "meta_steps", "times",
 }
 FRACTIONS = {"nce_m", "moco_m", "momentum"}  # in [0, 1)
 
