@@ -35,6 +35,25 @@ memory of that mode on a GPU; on CPU it is the process's maximum resident set si
 (resource.getrusage), which is shared by the modes of the one process (an upper bound
 for each, not a per-mode figure).
 
+``--method lmcl`` times L-MCL (Yang et al., TPAMI 2023; docs/method.md §11) against MCL
+instead, all three in float32 NCHW on the same pre-drawn batches (no augmentation, no data
+loading: pure training compute), built from the pieces main_cifar.py ``--method lmcl``
+uses:
+
+- ``mcl``: one MCL step (the cohort, its projection heads, losses.mcl.sup_mcl_losses,
+  Nesterov SGD), the paper's MCL(xN) with the same networks;
+- ``lmcl``: L-MCL's normal update (networks with auxiliary branches, one projection head
+  per stage, utils.lmcl_step.main_losses with the aggregator and the weight network,
+  Nesterov SGD);
+- ``lmcl_meta``: the meta step (utils.lmcl_step.meta_step: ``--times`` virtual steps and
+  the hypergradient, the authors' recursion unless ``--exact-hypergradient``) and the
+  weight network's step; ``--meta-steps`` of them per repeat.
+
+The summary gives the cost of an L-MCL iteration, the normal update plus the meta step
+averaged over ``--meta-freq`` iterations, relative to an MCL step; on CPU also from the
+process's CPU time (``cpu_*`` keys), which other processes on a loaded machine disturb
+far less than the wall clock (with ``--threads 1``).
+
 ``--convolutions`` then profiles each mode (torch.profiler) and prints, per mode, the
 milliseconds per step spent in convolutions (forward and backward) and their fraction of
 the step; the summary adds the convolution speed-up and the ratio the fast path would reach
@@ -68,10 +87,15 @@ import models  # noqa: E402
 from data.augment import reference_cifar_transforms  # noqa: E402
 from data.pipeline import ArrayData, build_cifar_loaders, load_arrays  # noqa: E402
 from data.samplers import MPerClassBatchSampler  # noqa: E402
+from losses.lmcl import StageProjectionHeads  # noqa: E402
 from losses.mcl import build_projection_heads, sup_mcl_losses  # noqa: E402
-from utils.args import HelpFormatter, parse_flags
+from models.lmcl import build_lmcl_cohort  # noqa: E402
+from models.lmcl_modules import Aggregator, LossWeightNetwork  # noqa: E402
+from utils.args import AT_LEAST_1, HelpFormatter, parse_flags  # noqa: E402
 from utils import distributed as du  # noqa: E402
 from utils.contrast import InBatchContrast  # noqa: E402
+from utils.lmcl_step import (CohortWithStageHeads, LMCLObjective, apply_hypergradient,  # noqa: E402
+                             functional_forward, main_losses, meta_step, nesterov_sgd)
 from utils.loop import LoopConfig, RunLoop  # noqa: E402
 from utils.precision import Precision  # noqa: E402
 from utils.supervised import CohortWithHeads, Objective, SupervisedMethod  # noqa: E402
@@ -83,6 +107,10 @@ from utils.step_module import compiled_function, step_module  # noqa: E402
 MODES = ("reference", "fast", "fast_compile")
 DEFAULT_MODES = {"cpu": "reference,fast", "cuda": "reference,fast,fast_compile"}
 ORIGINAL_WORKERS = 8  # the original main_cifar.py's --num-workers default
+LMCL_MODES = ("mcl", "lmcl", "lmcl_meta")
+METHOD_MODES = {"mcl": MODES, "lmcl": LMCL_MODES}
+# Rules of this script's own numeric flags (parse_flags overrides; utils.args.NUMERIC_RULES has the shared ones).
+NUMERIC_RULE_OVERRIDES = {"meta_freq": AT_LEAST_1, "times": AT_LEAST_1, "meta_steps": AT_LEAST_1}
 Step = Callable[[], float]  # runs one training step, returns the seconds spent waiting for data
 
 
@@ -113,8 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--modes", default=None,
-                   help="comma-separated subset of: " + ", ".join(MODES) + " (default: reference,fast on CPU, "
-                        "all three on CUDA)")
+                   help="comma-separated subset of the method's modes: --method mcl: " + ", ".join(MODES)
+                        + " (default: reference,fast on CPU, all three on CUDA); --method lmcl: "
+                        + ", ".join(LMCL_MODES) + " (default: all)")
+    p.add_argument("--method", default="mcl", choices=tuple(METHOD_MODES),
+                   help="mcl: the original's way against the fast path; lmcl: an L-MCL iteration (normal "
+                        "update and meta step timed apart) against an MCL step, all float32")
+    p.add_argument("--meta-freq", type=int, default=50,
+                   help="--method lmcl: one meta step every this many iterations (the authors' CIFAR 50); "
+                        "the summary averages the meta step over it")
+    p.add_argument("--times", type=int, default=2, help="--method lmcl: virtual steps on the MCL objective")
+    p.add_argument("--meta-steps", type=int, default=1, help="--method lmcl: timed meta steps per repeat")
+    p.add_argument("--exact-hypergradient", action="store_true",
+                   help="--method lmcl: time the exact hypergradient (autograd through the virtual steps) "
+                        "instead of the authors' recursion")
     p.add_argument("--dataset", default="synthetic", choices=("synthetic", "cifar100", "cifar10"))
     p.add_argument("--data", default="./data/", help="CIFAR directory for --dataset cifar100/cifar10")
     p.add_argument("--synthetic-size", type=int, default=5000)
@@ -248,6 +288,144 @@ def fast_step_fn(args: argparse.Namespace, data: ArrayData, ctx: du.DistContext,
     return step
 
 
+# ---------------------------------------------------------------- L-MCL against MCL (float32, compute only)
+
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+def fixed_batches(args: argparse.Namespace, data: ArrayData, device: torch.device, count: int = 4) -> List[Batch]:
+    """``count`` m-per-class batches, normalised float32 NCHW on the device, no augmentation."""
+    sampler = MPerClassBatchSampler(data.train_labels, args.m_per_class, args.batch_size, seed=args.seed)
+    mean = torch.tensor(data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(data.std).view(1, 3, 1, 1)
+    batches = []
+    for indices in sampler:
+        images = torch.from_numpy(data.train_images[indices]).permute(0, 3, 1, 2).float() / 255
+        labels = torch.from_numpy(np.asarray(data.train_labels[indices], dtype=np.int64))
+        batches.append((((images - mean) / std).to(device), labels.to(device)))
+        if len(batches) == count:
+            break
+    return batches
+
+
+def cycling(batches: List[Batch]) -> Callable[[], Batch]:
+    state = {"next": 0}
+
+    def next_batch() -> Batch:
+        batch = batches[state["next"] % len(batches)]
+        state["next"] += 1
+        return batch
+
+    return next_batch
+
+
+def lmcl_objective(args: argparse.Namespace) -> LMCLObjective:
+    return LMCLObjective(tau=args.tau, kd_T=args.kd_T, alpha=args.alpha, gamma=args.gamma, beta=args.beta,
+                         lam=args.lam)
+
+
+def mcl_compute_step_fn(args: argparse.Namespace, batches: List[Batch], num_classes: int,
+                        device: torch.device) -> Step:
+    """One MCL step in float32 on the fixed batches: cohort, heads, the four terms, Nesterov SGD."""
+    torch.manual_seed(args.seed)
+    cohort = models.build_cohort(args.arch, args.number_net, num_classes, args.cohort).to(device).train()
+    heads = build_projection_heads(cohort.feature_dims, args.feat_dim).to(device).train()
+    optimizer = nesterov_sgd(list(cohort.parameters()) + list(heads.parameters()), args.init_lr,
+                             weight_decay=args.weight_decay)
+    next_batch = cycling(batches)
+
+    def step() -> float:
+        inputs, targets = next_batch()
+        optimizer.zero_grad()
+        logits, features = cohort(inputs)
+        embeddings = [head(f) for head, f in zip(heads, features)]
+        loss_cls = sum(F.cross_entropy(z, targets) for z in logits)
+        vcl, soft_vcl, icl, soft_icl = sup_mcl_losses(embeddings, targets, args.tau, args.kd_T)
+        loss = loss_cls + args.alpha * vcl + args.gamma * soft_vcl + args.beta * icl + args.lam * soft_icl
+        loss.backward()
+        optimizer.step()
+        return 0.0
+
+    return step
+
+
+class LMCLParts:
+    """An L-MCL cohort with its stage heads, weight network, aggregator and two optimizers (float32)."""
+
+    def __init__(self, args: argparse.Namespace, num_classes: int, device: torch.device) -> None:
+        torch.manual_seed(args.seed)
+        cohort = build_lmcl_cohort(args.arch, args.number_net, num_classes)
+        stages = cohort.number_stage
+        heads = StageProjectionHeads(cohort.feature_dims, stages, args.feat_dim)
+        self.model = CohortWithStageHeads(cohort, heads).to(device).train()
+        self.weight_net = LossWeightNetwork([[d] * stages for d in cohort.feature_dims]).to(device)
+        self.aggregator = Aggregator(cohort.feature_dims, stages).to(device)
+        self.optimizer = nesterov_sgd(list(self.model.parameters()) + list(self.aggregator.parameters()),
+                                      args.init_lr, weight_decay=args.weight_decay)
+        self.weight_optimizer = nesterov_sgd(self.weight_net.parameters(), args.init_lr,
+                                             weight_decay=args.weight_decay)
+        self.objective = lmcl_objective(args)
+
+
+def lmcl_normal_step_fn(args: argparse.Namespace, batches: List[Batch], num_classes: int,
+                        device: torch.device) -> Step:
+    """L-MCL's normal update: stage and aggregated CE, aggregate KD, weighted layer-wise MCL, one SGD step."""
+    parts = LMCLParts(args, num_classes, device)
+    next_batch = cycling(batches)
+
+    def step() -> float:
+        inputs, targets = next_batch()
+        parts.optimizer.zero_grad()
+        logits, features, embeddings = parts.model(inputs)
+        loss = main_losses(logits, features, embeddings, targets, parts.weight_net, parts.aggregator,
+                           parts.objective).loss
+        loss.backward()
+        parts.optimizer.step()
+        return 0.0
+
+    return step
+
+
+def lmcl_meta_step_fn(args: argparse.Namespace, batches: List[Batch], num_classes: int,
+                      device: torch.device) -> Step:
+    """L-MCL's meta step: the weight network's hypergradient through the virtual steps, then its SGD step."""
+    parts = LMCLParts(args, num_classes, device)
+    forward = functional_forward(parts.model)
+    next_batch = cycling(batches)
+
+    def step() -> float:
+        inputs, targets = next_batch()
+        result = meta_step(forward, dict(parts.model.named_parameters()), dict(parts.model.named_buffers()),
+                           inputs, targets, parts.weight_net, parts.objective, args.init_lr, times=args.times,
+                           weight_decay=args.weight_decay, exact_hypergradient=args.exact_hypergradient)
+        apply_hypergradient(parts.weight_net, parts.weight_optimizer, result)
+        return 0.0
+
+    return step
+
+
+def lmcl_summary(results: Dict[str, Dict[str, Any]], meta_freq: int, clock: str = "s_per_step") -> Dict[str, float]:
+    """An L-MCL iteration (normal update + meta step / meta_freq) against an MCL step: seconds and ratios.
+
+    clock: "s_per_step" (wall) or "cpu_s_per_step" (this process's CPU time; the keys get a ``cpu_`` prefix).
+    """
+    prefix = "cpu_" if clock == "cpu_s_per_step" else ""
+    seconds = {mode: result[clock] for mode, result in results.items()}
+    out: Dict[str, float] = {}
+    if "lmcl" in seconds and "lmcl_meta" in seconds:
+        iteration = seconds["lmcl"] + seconds["lmcl_meta"] / meta_freq
+        out[prefix + "lmcl_s_per_iteration"] = iteration
+        out[prefix + "ratio_meta_over_normal_update"] = seconds["lmcl_meta"] / seconds["lmcl"]
+        if "mcl" in seconds:
+            out[prefix + "ratio_lmcl_iteration_over_mcl"] = iteration / seconds["mcl"]
+    if "mcl" in seconds:
+        for mode, key in (("lmcl", "ratio_normal_update_over_mcl"), ("lmcl_meta", "ratio_meta_step_over_mcl")):
+            if mode in seconds:
+                out[prefix + key] = seconds[mode] / seconds["mcl"]
+    return out
+
+
 # ---------------------------------------------------------------- where the time goes
 
 
@@ -282,15 +460,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: Step, steps: int, device: torch.device) -> Tuple[float, float]:
-    """(wall seconds, seconds waiting for data) of ``steps`` steps, device work included."""
+def time_steps(step: Step, steps: int, device: torch.device) -> Tuple[float, float, float]:
+    """(wall seconds, seconds waiting for data, CPU seconds of this process) of ``steps`` steps,
+    device work included."""
     synchronize(device)
-    tic = time.perf_counter()
+    tic, cpu_tic = time.perf_counter(), time.process_time()
     data_s = 0.0
     for _ in range(steps):
         data_s += step()
     synchronize(device)
-    return time.perf_counter() - tic, data_s
+    return time.perf_counter() - tic, data_s, time.process_time() - cpu_tic
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -299,28 +478,35 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace,
-                    device: torch.device) -> Dict[str, Dict[str, Any]]:
-    """Warm up every mode, then time them in turn ``repeats`` times; medians per mode."""
-    for step in steps_by_mode.values():
-        time_steps(step, args.warmup, device)
-    rounds: Dict[str, List[Tuple[float, float]]] = {mode: [] for mode in steps_by_mode}
+def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace, device: torch.device,
+                    step_counts: Optional[Dict[str, Tuple[int, int]]] = None) -> Dict[str, Dict[str, Any]]:
+    """Warm up every mode, then time them in turn ``repeats`` times; medians per mode.
+
+    step_counts: mode -> (warm-up steps, timed steps per repeat); default (--warmup, --steps).
+    """
+    counts = {mode: (step_counts or {}).get(mode, (args.warmup, args.steps)) for mode in steps_by_mode}
+    for mode, step in steps_by_mode.items():
+        time_steps(step, counts[mode][0], device)
+    rounds: Dict[str, List[Tuple[float, float, float]]] = {mode: [] for mode in steps_by_mode}
     memory = {mode: 0.0 for mode in steps_by_mode}
     for _ in range(args.repeats):
         for mode, step in steps_by_mode.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rounds[mode].append(time_steps(step, args.steps, device))
+            rounds[mode].append(time_steps(step, counts[mode][1], device))
             memory[mode] = max(memory[mode], peak_memory_mb(device))
     results = {}
     for mode, timings in rounds.items():
-        per_round = [args.batch_size * args.steps / wall for wall, _ in timings]
+        steps = counts[mode][1]
+        per_round = [args.batch_size * steps / wall for wall, _, _ in timings]
         results[mode] = {
             "images_per_s": statistics.median(per_round),
             "images_per_s_rounds": [round(v, 2) for v in per_round],
             "images_per_s_best": max(per_round),
-            "s_per_step": statistics.median(wall / args.steps for wall, _ in timings),
-            "data_s_per_step": statistics.median(d / args.steps for _, d in timings),
+            "s_per_step": statistics.median(wall / steps for wall, _, _ in timings),
+            "data_s_per_step": statistics.median(d / steps for _, d, _ in timings),
+            "cpu_s_per_step": statistics.median(cpu / steps for _, _, cpu in timings),
+            "timed_steps": steps,
             "peak_memory_mb": round(memory[mode], 1),
         }
     return results
@@ -387,35 +573,50 @@ def ratios(results: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
     return out
 
 
-def parse_modes(text: Optional[str], device: torch.device) -> List[str]:
-    text = text or DEFAULT_MODES[device.type]
+def parse_modes(text: Optional[str], device: torch.device, method: str = "mcl") -> List[str]:
+    allowed = METHOD_MODES[method]
+    if text is None:
+        text = DEFAULT_MODES[device.type] if method == "mcl" else ",".join(allowed)
     modes = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
+    unknown = [m for m in modes if m not in allowed]
     if unknown or not modes:
-        raise SystemExit(f"error: --modes takes a comma-separated subset of {', '.join(MODES)}; got {text!r}")
+        raise SystemExit(f"error: --modes of --method {method} takes a comma-separated subset of "
+                         f"{', '.join(allowed)}; got {text!r}")
     return modes
+
+
+def build_steps(args: argparse.Namespace, modes: List[str], data: ArrayData,
+                ctx: du.DistContext) -> Dict[str, Step]:
+    """The step function of every requested mode, in the order given."""
+    device = ctx.device
+    if args.method == "lmcl":
+        batches = fixed_batches(args, data, device)
+        builders = {"mcl": mcl_compute_step_fn, "lmcl": lmcl_normal_step_fn, "lmcl_meta": lmcl_meta_step_fn}
+        return {mode: builders[mode](args, batches, data.num_classes, device) for mode in modes}
+    builders = {"reference": lambda: reference_step_fn(args, data, device),
+                "fast": lambda: fast_step_fn(args, data, ctx),
+                "fast_compile": lambda: fast_step_fn(args, data, ctx, compile=True)}
+    return {mode: builders[mode]() for mode in modes}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_flags(build_parser(), argv)
+    args = parse_flags(build_parser(), argv, NUMERIC_RULE_OVERRIDES)
     if args.threads:
         torch.set_num_threads(args.threads)
     ctx = du.setup_distributed(device=args.device)
     device = ctx.device
-    modes = parse_modes(args.modes, device)
+    modes = parse_modes(args.modes, device, args.method)
     if args.num_workers is None:
         args.num_workers = min(ORIGINAL_WORKERS, os.cpu_count() or 1) if device.type == "cuda" else 0
     configure_determinism(False, device)  # cudnn.benchmark on CUDA, as the original set it
     load_before = [round(v, 2) for v in os.getloadavg()]
     data = load_arrays(args.dataset, args.data, args.synthetic_size, args.synthetic_classes, args.seed)
-    builders = {"reference": lambda: reference_step_fn(args, data, device),
-                "fast": lambda: fast_step_fn(args, data, ctx),
-                "fast_compile": lambda: fast_step_fn(args, data, ctx, compile=True)}
-    steps = {mode: builders[mode]() for mode in modes}
+    steps = build_steps(args, modes, data, ctx)
     topology = models.build_cohort(args.arch, args.number_net, data.num_classes, args.cohort).topology
-    results = run_interleaved(steps, args, device)
-    common = {"arch": args.arch, "number_net": args.number_net, "topology": topology,
+    step_counts = {"lmcl_meta": (min(args.warmup, 1), args.meta_steps)}
+    results = run_interleaved(steps, args, device, step_counts)
+    common = {"method": args.method, "arch": args.arch, "number_net": args.number_net, "topology": topology,
               "batch_size": args.batch_size, "torch": torch.__version__, "device": str(device),
               "threads": torch.get_num_threads(),
               "memory_measure": "cuda_max_allocated" if device.type == "cuda" else "process_max_rss"}
@@ -424,6 +625,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary: Dict[str, Any] = {"summary": True, **common, "steps": args.steps, "warmup": args.warmup,
                                "repeats": args.repeats, "dataset": args.dataset,
                                "reference_num_workers": args.num_workers}
+    if args.method == "lmcl":
+        summary.update(meta_freq=args.meta_freq, times=args.times, meta_steps=args.meta_steps,
+                       exact_hypergradient=args.exact_hypergradient, precision="float32",
+                       **lmcl_summary(results, args.meta_freq))
+        if device.type == "cpu":  # CPU time: robust to other processes on a shared machine (one thread)
+            summary.update(lmcl_summary(results, args.meta_freq, clock="cpu_s_per_step"))
     summary.update(ratios(results))
     if args.convolutions:
         shares = {mode: convolution_share(step, args.steps, device) for mode, step in steps.items()}

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests import ROOT  # noqa: E402
@@ -93,3 +94,40 @@ def test_ratios_of_the_compiled_fast_path():
     assert ratios["ratio_fast_compile_over_reference"] == 60.0 / 15.0
     assert ratios["ratio_fast_compile_over_fast"] == 60.0 / 35.0
     assert set(load_benchmark_module().ratios({"fast": results["fast"]})) == set()
+
+
+def test_lmcl_times_the_normal_update_and_the_meta_step_against_mcl(capsys):
+    """--method lmcl: one line per mode (mcl, lmcl, lmcl_meta), the iteration cost with the meta step averaged
+    over --meta-freq, and the ratios to an MCL step (tiny: batch 4, no warm-up, one step each)."""
+    tiny = ["--steps", "1", "--warmup", "0", "--repeats", "1", "--batch-size", "4", "--synthetic-size", "40",
+            "--device", "cpu", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        assert load_benchmark_module().main(tiny + ["--method", "lmcl", "--meta-freq", "10"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert [line.get("mode") for line in lines] == ["mcl", "lmcl", "lmcl_meta", None]
+    seconds = {line["mode"]: line["s_per_step"] for line in lines[:3]}
+    assert all(s > 0 for s in seconds.values())
+    assert all(line["method"] == "lmcl" and line["timed_steps"] == 1 for line in lines[:3])
+    summary = lines[3]
+    assert summary["meta_freq"] == 10 and summary["times"] == 2 and summary["precision"] == "float32"
+    iteration = seconds["lmcl"] + seconds["lmcl_meta"] / 10
+    assert summary["lmcl_s_per_iteration"] == pytest.approx(iteration, rel=1e-12)
+    assert summary["ratio_lmcl_iteration_over_mcl"] == pytest.approx(iteration / seconds["mcl"], rel=1e-12)
+    assert summary["ratio_normal_update_over_mcl"] == pytest.approx(seconds["lmcl"] / seconds["mcl"], rel=1e-12)
+    assert summary["ratio_meta_step_over_mcl"] == pytest.approx(seconds["lmcl_meta"] / seconds["mcl"], rel=1e-12)
+    cpu_seconds = {line["mode"]: line["cpu_s_per_step"] for line in lines[:3]}
+    cpu_iteration = cpu_seconds["lmcl"] + cpu_seconds["lmcl_meta"] / 10
+    assert summary["cpu_ratio_lmcl_iteration_over_mcl"] == pytest.approx(cpu_iteration / cpu_seconds["mcl"],
+                                                                         rel=1e-12)
+    assert "ratio_fast_over_reference" not in summary
+
+
+def test_lmcl_modes_are_checked():
+    module = load_benchmark_module()
+    assert module.parse_modes(None, torch.device("cpu"), "lmcl") == ["mcl", "lmcl", "lmcl_meta"]
+    assert module.parse_modes("lmcl,mcl", torch.device("cpu"), "lmcl") == ["lmcl", "mcl"]
+    with pytest.raises(SystemExit, match="--method lmcl"):
+        module.parse_modes("fast", torch.device("cpu"), "lmcl")
