@@ -103,6 +103,7 @@ from utils.run_files import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
 from utils.script_setup import build_sgd, configure_determinism  # noqa: E402
 from utils.step_module import compiled_function, step_module  # noqa: E402
+from utils.machine import cpu_name  # noqa: E402
 
 MODES = ("reference", "fast", "fast_compile")
 DEFAULT_MODES = {"cpu": "reference,fast", "cuda": "reference,fast,fast_compile"}
@@ -515,17 +516,6 @@ def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace, de
 # ---------------------------------------------------------------- reporting
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> List[str]:
     """The instruction-set extensions that decide bf16 speed (AVX-512 BF16, AMX)."""
     try:
@@ -542,7 +532,7 @@ def cpu_flags() -> List[str]:
 def environment(device: torch.device, argv: List[str]) -> Dict[str, Any]:
     env = {
         "command": shlex.join(["python", "scripts/benchmark.py"] + argv),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cpu_flags": cpu_flags(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
