@@ -83,7 +83,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def project_modes(text: str) -> List[str]:
-    return [] if text.strip() == "none" else benchmark.parse_modes(text)
+    return [] if text.strip() == "none" else benchmark.parse_modes(text, torch.device("cpu"))
 
 
 def original_command(args: argparse.Namespace, data_dir: str) -> List[str]:

@@ -64,7 +64,8 @@ def classes_of(arch):
 def test_every_cifar_architecture_has_a_variant():
     cifar = [a for a in models.available_architectures() if models.registry.get_spec(a).family == "cifar"]
     assert set(cifar) <= set(lmcl_architectures())
-    assert set(lmcl_architectures()) == set(AUTHORS_SIZES)
+    # <= rather than ==: tests/tiny_lmcl.py registers a tiny architecture when another test imports it.
+    assert set(AUTHORS_SIZES) <= set(lmcl_architectures())
 
 
 @pytest.mark.parametrize("arch", list(AUTHORS_SIZES))
