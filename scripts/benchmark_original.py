@@ -129,6 +129,7 @@ def benchmark_args(args: argparse.Namespace) -> argparse.Namespace:
     options = benchmark.build_parser().parse_args(["--device", "cpu"])
     for name in SHARED_OPTIONS:
         setattr(options, name, getattr(args, name))
+    options.num_workers = 0  # benchmark.py's choice on a CPU: the loading in the timed process
     return options
 
 

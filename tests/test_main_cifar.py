@@ -10,7 +10,8 @@ import main_cifar
 from data import folder as data_folder
 from models import get_model
 from tests.image_files import write_jpeg_folder
-from tests.script_helpers import run_cli
+from tests.script_helpers import run_cli, run_in_process
+from tests.two_nodes import free_port
 from utils.checkpoint import load_checkpoint
 
 from tests import ROOT  # noqa: E402
@@ -85,7 +86,7 @@ def test_fast_path_runs(tmp_path):
 
 
 def test_help_lists_every_original_flag():
-    out = subprocess.run([sys.executable, "main_cifar.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = run_in_process(main_cifar.main, ["--help"])
     assert out.returncode == 0
     for flag in ("--data", "--dataset", "--arch", "--init-lr", "--weight-decay", "--lr-type", "--milestones",
                  "--epochs", "--batch-size", "--num-workers", "--gpu-id", "--manual_seed", "--resume",
@@ -115,8 +116,8 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path):
         "    return code\n"
         "eng.RunLoop.fit = fit\n"
         "main_cifar.main(sys.argv[1:])\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script),
-           *TORCHRUN_ARGS, "--checkpoint-dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), *TORCHRUN_ARGS, "--checkpoint-dir", str(tmp_path)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("RANKS-EQUAL") == 2

@@ -12,7 +12,9 @@ import main_cifar
 import models
 from models.export import export_network
 from models.lmcl import build_lmcl_cohort
+from tests.script_helpers import run_in_process
 from tests.tiny_lmcl import TINY_ARCH, run_script
+from tests.two_nodes import free_port
 from tests.utils.test_loop import assert_bitwise_equal
 from utils.checkpoint import load_checkpoint
 
@@ -90,14 +92,14 @@ def test_export_keeps_the_network_without_auxiliary_branches(learned, tmp_path):
 def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
     """Killed during step 3 (its checkpoint not written; step index 2 runs a meta step), resumed: the same
     final state."""
-    full = run_script("main_cifar", RESUME + ["--checkpoint-dir", str(tmp_path / "a"), "--run-name", "r"])
+    full = run_in_process(main_cifar.main, RESUME + ["--checkpoint-dir", str(tmp_path / "a"), "--run-name", "r"])
     assert full.returncode == 0, full.stderr[-3000:]
     args = RESUME + ["--checkpoint-dir", str(tmp_path / "b"), "--run-name", "r"]
     killed = run_script("main_cifar", args, {"MCL_DEBUG_SIGNAL_AFTER_STEPS": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = load_checkpoint(str(tmp_path / "b" / "r" / "checkpoint.pth.tar"))
     assert (partial["epoch"], partial["step"], partial["finished"]) == (0, 2, False)
-    resumed = run_script("main_cifar", args + ["--resume"])
+    resumed = run_in_process(main_cifar.main, args + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     reference = load_checkpoint(str(tmp_path / "a" / "r" / "checkpoint.pth.tar"))
     got = load_checkpoint(str(tmp_path / "b" / "r" / "checkpoint.pth.tar"))
@@ -132,7 +134,8 @@ def test_two_gloo_processes_agree(tmp_path):
         "main_cifar.main(sys.argv[1:])\n")
     args = TINY + ["--epochs", "1", "--max-train-batches", "3", "--max-eval-batches", "1", "--meta-freq", "2",
                    "--checkpoint-dir", str(tmp_path), "--run-name", "ddp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script),
            *args]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
@@ -164,7 +167,7 @@ def test_bad_lmcl_flags_are_one_line(flags, words, capsys):
 
 
 def test_help_has_the_lmcl_flags():
-    out = subprocess.run([sys.executable, "main_cifar.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    out = run_in_process(main_cifar.main, ["--help"])
     for flag in ("--method", "--meta-freq", "--times", "--exact-hypergradient", "--restore-bn-after-meta",
                  "authors' defaults: --alpha 0.1"):
         assert flag in out.stdout, flag

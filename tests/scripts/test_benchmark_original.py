@@ -6,12 +6,11 @@ its model and tensors, uses ``numpy.int`` and trains with SGD for ever; and a ``
 whose architecture names differ in case from this project's (``WRN_16_2``).
 """
 import json
-import subprocess
-import sys
 import textwrap
 
-from tests import ROOT  # noqa: E402
-TINY = ["--batch-size", "16", "--synthetic-size", "320", "--steps", "2", "--warmup", "1", "--repeats", "2",
+from tests.script_helpers import load_script, run_in_process
+
+TINY = ["--batch-size", "8", "--synthetic-size", "320", "--steps", "1", "--warmup", "1", "--repeats", "2",
         "--threads", "1"]
 
 FAKE_MAIN = '''
@@ -67,8 +66,8 @@ def fake_original(tmp_path):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, "scripts/benchmark_original.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    """scripts/benchmark_original.py ``args``, in this process (it starts the original's process itself)."""
+    return run_in_process(load_script("benchmark_original").main, list(args))
 
 
 def test_times_the_original_and_the_projects_modes(tmp_path):
@@ -78,7 +77,7 @@ def test_times_the_original_and_the_projects_modes(tmp_path):
     assert [line.get("mode") for line in lines] == ["original", "reference", "fast", None]
     for line in lines[:3]:
         assert line["images_per_s"] > 0 and len(line["images_per_s_rounds"]) == 2
-        assert line["threads"] == 1 and line["batch_size"] == 16 and line["arch"] == "wrn_16_2"
+        assert line["threads"] == 1 and line["batch_size"] == 8 and line["arch"] == "wrn_16_2"
     summary = lines[3]
     for mode, line in zip(("reference", "fast"), lines[1:3]):
         assert abs(summary[f"ratio_{mode}_over_original"] - line["images_per_s"] / lines[0]["images_per_s"]) < 1e-9
