@@ -33,7 +33,7 @@ setup(
     py_modules=[],
     install_requires=requirements(),
     extras_require={
-        "test": ["pytest>=7", "scipy>=1.9"],
+        "test": ["pytest>=7", "pytest-xdist>=3", "scipy>=1.9"],
         "plot": ["matplotlib>=3.5"],
         "timm": ["timm>=0.9"],  # --arch timm:NAME
         "wandb": ["wandb>=0.15"],  # the Weights & Biases logger

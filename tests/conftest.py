@@ -21,9 +21,24 @@ from tests.fake_runs import write_runs  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (minutes each; left out of the default run)")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: the CUDA variant of a test (skipped without a GPU); "
                                        "scripts/gpu_check.sh runs `pytest -m cuda` on a GPU")
+    config.addinivalue_line("markers", "slow: minutes on 2 cores; skipped unless pytest runs with --slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes): run with --slow, e.g. bash scripts/test.sh --slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 # A test that takes ``device`` runs on the CPU and, marked ``cuda``, on the GPU when there is one.

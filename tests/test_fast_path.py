@@ -20,6 +20,9 @@ by at most 16 % on any epoch over those seeds, while fp32 itself differs by up t
 between two seeds. At a shorter length (4 epochs of 480 images) the accuracies are still
 climbing and differ by up to 2.5 points between seeds of either mode, so 1 point could not
 be told from noise there.
+
+It takes minutes, so it runs only with ``--slow`` (``bash scripts/test.sh --slow``), and only on
+a CPU with native bfloat16: one that emulates it would take over half an hour for the --fast run.
 """
 import json
 import os
@@ -28,6 +31,8 @@ import sys
 
 import pytest
 import torch
+
+from utils.precision import cpu_has_native_bf16
 
 from tests import ROOT  # noqa: E402
 CONFIG = ["--dataset", "synthetic", "--synthetic-size", "960", "--synthetic-test-size", "1000",
@@ -57,6 +62,9 @@ def mean(values):
     return sum(values) / len(values)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU emulates bfloat16 (no AVX512-BF16 or AMX): the "
+                                                      "--fast run would take over half an hour")
 def test_fast_path_learns_like_fp32(tmp_path):
     runs = {"fp32": start(tmp_path, "fp32"), "fast": start(tmp_path, "fast", "--fast")}
     reference, fast = (metrics(tmp_path, name, process) for name, process in runs.items())

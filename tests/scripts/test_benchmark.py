@@ -2,14 +2,14 @@
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests import ROOT  # noqa: E402
-TINY = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--batch-size", "16", "--synthetic-size", "320",
+from tests.script_helpers import load_script, run_in_process
+
+TINY = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--batch-size", "8", "--synthetic-size", "160",
         "--device", "cpu", "--threads", "1"]
 MODE_KEYS = {"mode", "arch", "number_net", "topology", "batch_size", "images_per_s", "images_per_s_rounds",
              "s_per_step", "data_s_per_step", "peak_memory_mb", "memory_measure", "torch", "device", "threads"}
@@ -18,8 +18,7 @@ SUMMARY_KEYS = {"summary", "ratio_fast_over_reference", "command", "cpu", "cores
 
 
 def run_benchmark(*extra):
-    out = subprocess.run([sys.executable, "scripts/benchmark.py", *TINY, *extra], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = run_in_process(load_script("benchmark").main, [*TINY, *extra])
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 

@@ -4,7 +4,6 @@ On a tiny two-network model: the meta step's wiring against autograd through vir
 written out here, BatchNorm statistics, that nothing else changes, the normal update's loss.
 On the authors' recorded ResNet-32 iteration (tests/fixtures/lmcl/): every recorded value."""
 import copy
-import os
 
 import pytest
 import torch
@@ -196,9 +195,7 @@ def test_main_losses_terms_and_gradients():
 # One CIFAR training iteration of two L-MCL ResNet-32 as the authors' code ran it (float64, batch 16,
 # lr 0.1, epoch 0 batch 0, so with the meta step): tests/fixtures/lmcl/README.md. The normal update
 # (one forward and backward of the cohort) always runs; the meta step (four more, three of them
-# double backwards: minutes on one core) and the exact hypergradient only with MCL_SLOW_PARITY=1.
-
-SLOW_PARITY = os.environ.get("MCL_SLOW_PARITY") == "1"
+# double backwards: minutes on one core) and the exact hypergradient only with pytest --slow.
 
 
 def authors_key_maps(rows):
@@ -296,10 +293,10 @@ def authors_normal_update():
 
 
 @pytest.fixture(scope="module")
-def authors_meta_update(authors_normal_update):
-    if not SLOW_PARITY:
+def authors_meta_update(authors_normal_update, request):
+    if not request.config.getoption("--slow"):
         pytest.skip("the meta step of the authors' ResNet-32 iteration takes minutes on one core; "
-                    "MCL_SLOW_PARITY=1 runs it")
+                    "pytest --slow runs it")
     authors_normal_update.meta_update()
     return authors_normal_update
 
