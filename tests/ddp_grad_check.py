@@ -60,7 +60,7 @@ def _worker(rank, init_file, out_file):
 def run_check() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         init_file, out_file = os.path.join(tmp, "init"), os.path.join(tmp, "grads.pt")
-        mp.spawn(_worker, args=(init_file, out_file), nprocs=2, join=True)
+        mp.start_processes(_worker, args=(init_file, out_file), nprocs=2, join=True, start_method="fork")
         ddp_grads = torch.load(out_file)
     x, y = _data()
     model = _Pair()

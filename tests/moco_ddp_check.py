@@ -73,5 +73,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def run_two_ranks(out_dir: str) -> List[Dict[str, Any]]:
     """Run the checks on 2 gloo processes; what each rank saved, in rank order."""
-    mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=2, join=True,
+                       start_method="fork")
     return [torch.load(os.path.join(out_dir, f"rank{rank}.pt")) for rank in range(2)]

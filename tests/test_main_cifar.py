@@ -10,7 +10,7 @@ import main_cifar
 from data import folder as data_folder
 from models import get_model
 from tests.image_files import write_jpeg_folder
-from tests.script_helpers import run_cli, run_in_process
+from tests.script_helpers import load_script, run_cli, run_in_process
 from tests.two_nodes import free_port
 from utils.checkpoint import load_checkpoint
 
@@ -151,8 +151,7 @@ def test_exported_network_gives_the_cohort_logits(tmp_path, number_net):
     with torch.no_grad():
         cohort_logits, _ = cohort(x)
     out = tmp_path / "net.pth"
-    script = subprocess.run([sys.executable, "scripts/export.py", str(run), "--net-index", "1", "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True)
+    script = run_in_process(load_script("export").main, [str(run), "--net-index", "1", "--out", str(out)])
     assert script.returncode == 0, script.stderr
     payload = torch.load(out, weights_only=False)
     net = models.get_model(payload["arch"], payload["num_classes"])

@@ -2,8 +2,6 @@
 evaluates, exports one network without its auxiliary branches, runs under 2 gloo processes; its flags."""
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,13 +10,12 @@ import main_cifar
 import models
 from models.export import export_network
 from models.lmcl import build_lmcl_cohort
-from tests.script_helpers import run_in_process
-from tests.tiny_lmcl import TINY_ARCH, run_script
-from tests.two_nodes import free_port
+from tests.script_helpers import run_forked, run_in_process
+from tests.tiny_lmcl import TINY_ARCH
+from tests.two_nodes import two_nodes
 from tests.utils.test_loop import assert_bitwise_equal
 from utils.checkpoint import load_checkpoint
 
-from tests import ROOT  # noqa: E402
 
 # 4 classes, batches of 16 (4 per class), the tiny ResNet; one meta step per 6 steps.
 TINY = ["--method", "lmcl", "--arch", TINY_ARCH, "--dataset", "synthetic", "--synthetic-size", "480",
@@ -95,7 +92,7 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
     full = run_in_process(main_cifar.main, RESUME + ["--checkpoint-dir", str(tmp_path / "a"), "--run-name", "r"])
     assert full.returncode == 0, full.stderr[-3000:]
     args = RESUME + ["--checkpoint-dir", str(tmp_path / "b"), "--run-name", "r"]
-    killed = run_script("main_cifar", args, {"MCL_DEBUG_SIGNAL_AFTER_STEPS": "3"})
+    killed = run_forked(main_cifar.main, args, {"MCL_DEBUG_SIGNAL_AFTER_STEPS": "3"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     partial = load_checkpoint(str(tmp_path / "b" / "r" / "checkpoint.pth.tar"))
     assert (partial["epoch"], partial["step"], partial["finished"]) == (0, 2, False)
@@ -111,37 +108,38 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
     assert [json.loads(x)["test"] for x in ref_lines] == [json.loads(x)["test"] for x in got_lines]
 
 
+def main_checking_that_ranks_agree(argv):
+    """main_cifar.main, and after training: the same weights on every rank, two meta steps run."""
+    import torch.distributed as dist
+
+    import utils.loop as loop
+
+    fit = loop.RunLoop.fit
+
+    def fit_then_compare(self):
+        code = fit(self)
+        method = self.method
+        assert method.meta_steps == 2, method.meta_steps
+        tensors = list(method.model.parameters()) + list(method.model.buffers()) + list(method.weight_net.parameters())
+        flat = torch.cat([t.detach().float().flatten() for t in tensors])
+        parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, flat)
+        assert torch.equal(parts[0], parts[1]), "ranks differ"
+        print("RANKS-EQUAL", dist.get_rank(), flush=True)
+        return code
+
+    loop.RunLoop.fit = fit_then_compare  # in the forked child only
+    return main_cifar.main(argv)
+
+
 def test_two_gloo_processes_agree(tmp_path):
-    """torchrun, 2 CPU processes, 3 steps with 2 meta steps: every rank ends with the same weights."""
-    script = tmp_path / "ddp_check.py"
-    script.write_text(
-        "import sys, torch, torch.distributed as dist\n"
-        f"sys.path.insert(0, {ROOT!r})\n"
-        "import tests.tiny_lmcl, main_cifar, utils.loop as eng\n"
-        "orig = eng.RunLoop.fit\n"
-        "def fit(self):\n"
-        "    code = orig(self)\n"
-        "    m = self.method\n"
-        "    assert m.meta_steps == 2, m.meta_steps\n"
-        "    tensors = list(m.model.parameters()) + list(m.model.buffers()) + list(m.weight_net.parameters())\n"
-        "    flat = torch.cat([t.detach().float().flatten() for t in tensors])\n"
-        "    parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]\n"
-        "    dist.all_gather(parts, flat)\n"
-        "    assert torch.equal(parts[0], parts[1]), 'ranks differ'\n"
-        "    print('RANKS-EQUAL', dist.get_rank(), flush=True)\n"
-        "    return code\n"
-        "eng.RunLoop.fit = fit\n"
-        "main_cifar.main(sys.argv[1:])\n")
+    """2 CPU processes of one group, 3 steps with 2 meta steps: every rank ends with the same weights."""
     args = TINY + ["--epochs", "1", "--max-train-batches", "3", "--max-eval-batches", "1", "--meta-freq", "2",
-                   "--checkpoint-dir", str(tmp_path), "--run-name", "ddp"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(script),
-           *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("RANKS-EQUAL") == 2
-    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+                   "--checkpoint-dir", str(tmp_path / "ck"), "--run-name", "ddp"]
+    results = two_nodes([str(tmp_path / "rank0"), str(tmp_path / "rank1")], args, main=main_checking_that_ranks_agree)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        assert "RANKS-EQUAL" in out
 
 
 def test_method_defaults_and_flags():

@@ -1,12 +1,11 @@
 """Two processes of one group started as torchrun starts them on two nodes (RANK, WORLD_SIZE,
-MASTER_ADDR/PORT), each in its own working directory: with ``--checkpoint-dir ck`` the same path
+MASTER_ADDR/PORT), each in its own working directory (forked from the test process, whose imports they
+reuse): with ``--checkpoint-dir ck`` the same path
 names a different directory for each process, as without a shared filesystem."""
 import os
 import socket
-import subprocess
-import sys
 
-from tests import ROOT  # noqa: E402
+from tests.script_helpers import start_forked
 
 # 1 epoch of 3 steps of MCL(x2), deterministic on CPU; the global batch of 16 is split over the ranks.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "160", "--synthetic-classes", "8", "--batch-size", "16",
@@ -22,24 +21,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(nodes, args, env_extra=None, script="main_cifar.py", timeout=240):
-    """Run ``script args`` as ranks 0 and 1 of one group, rank r in the folder nodes[r]: [(code, out, err)].
-    A process still running after ``timeout`` seconds (a hang) is killed and the call raises."""
+def two_nodes(nodes, args, env_extra=None, main=None, timeout=240):
+    """Run ``main(args)`` (main_cifar.main by default) as ranks 0 and 1 of one group, rank r a forked child in
+    the folder nodes[r]: [(code, out, err)]. A process still running after ``timeout`` seconds (a hang) is
+    killed and the call raises."""
+    if main is None:
+        import main_cifar
+
+        main = main_cifar.main
     port = free_port()
-    procs = []
-    for rank, cwd in enumerate(nodes):
-        os.makedirs(cwd, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0",
-                   LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = []
+    children = []
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, out, err))
+        for rank, cwd in enumerate(nodes):
+            os.makedirs(cwd, exist_ok=True)
+            env = dict(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env_extra or {}))
+            children.append(start_forked(main, list(args), env, cwd))
+        return [(done.returncode, done.stdout, done.stderr) for done in (c.wait(timeout) for c in children)]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    return results
+        for child in children:
+            child.kill()

@@ -71,16 +71,18 @@ def run_script(*args):
 
 
 def test_times_the_original_and_the_projects_modes(tmp_path):
-    out = run_script("--original", fake_original(tmp_path), "--arch", "wrn_16_2", *TINY)
+    # --modes reference: the fast mode is benchmark.py's own step (tests/scripts/test_benchmark.py), and bf16
+    # is emulated, and slow, on CPUs without AVX512-BF16.
+    out = run_script("--original", fake_original(tmp_path), "--arch", "wrn_16_2", "--modes", "reference", *TINY)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
-    assert [line.get("mode") for line in lines] == ["original", "reference", "fast", None]
-    for line in lines[:3]:
+    assert [line.get("mode") for line in lines] == ["original", "reference", None]
+    for line in lines[:2]:
         assert line["images_per_s"] > 0 and len(line["images_per_s_rounds"]) == 2
         assert line["threads"] == 1 and line["batch_size"] == 8 and line["arch"] == "wrn_16_2"
-    summary = lines[3]
-    for mode, line in zip(("reference", "fast"), lines[1:3]):
-        assert abs(summary[f"ratio_{mode}_over_original"] - line["images_per_s"] / lines[0]["images_per_s"]) < 1e-9
+    summary = lines[2]
+    ratio = lines[1]["images_per_s"] / lines[0]["images_per_s"]
+    assert abs(summary["ratio_reference_over_original"] - ratio) < 1e-9
     assert summary["original_commit"] is None  # not a git checkout
     assert summary["command"].startswith("python scripts/benchmark_original.py --original")
 

@@ -17,7 +17,7 @@ from utils.cli import run_main
 from utils.errors import CheckpointError
 
 from tests import ROOT  # noqa: E402
-from tests.script_helpers import run_in_process
+from tests.script_helpers import run_forked, run_in_process, start_forked
 
 # 2 epochs x 3 steps, MCL(x2) with logit distillation, deterministic on CPU.
 RUN = ["--dataset", "synthetic", "--synthetic-size", "160", "--synthetic-classes", "8", "--batch-size", "16",
@@ -27,15 +27,13 @@ RUN = ["--dataset", "synthetic", "--synthetic-size", "160", "--synthetic-classes
        "--lam", "1.", "--logit-distill", "--save-every-steps", "1"]
 
 
-def cli(args, env_extra=None, timeout=300, subprocess_needed=False):
-    """main_cifar.py ``args``: in this process, or in a new one when the run is to be killed or signalled
-    (``env_extra``) or must be another process. One intra-op thread either way (tests/conftest.py): the steps
-    are tiny, and the comparisons need the same thread count in every run anyway."""
-    if env_extra is None and not subprocess_needed:
+def cli(args, env_extra=None, timeout=300):
+    """main_cifar.py ``args``: in this process, or in a forked child when the run is to be killed or
+    signalled (``env_extra``). One intra-op thread either way (tests/conftest.py): the steps are tiny, and
+    the comparisons need the same thread count in every run."""
+    if env_extra is None:
         return run_in_process(main_cifar.main, args)
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run([sys.executable, "main_cifar.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return run_forked(main_cifar.main, args, env_extra, timeout=timeout)
 
 
 def final_state(run_dir):
@@ -197,29 +195,24 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
 
 
-SAVE_LOOP = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from utils.checkpoint import atomic_save
-path = sys.argv[1]
-i = 0
-while True:
-    i += 1
-    atomic_save({{"format": "mcl-checkpoint", "i": i, "w": torch.full((512, 1024), float(i))}}, path)
-    print(i, flush=True)
-"""
+def save_forever(argv):
+    """Checkpoint i holds a tensor full of i; saves until killed."""
+    i = 0
+    while True:
+        i += 1
+        atomic_save({"format": "mcl-checkpoint", "i": i, "w": torch.full((512, 1024), float(i))}, argv[0])
 
 
 def test_kill_9_during_a_save_loop_never_leaves_an_unreadable_checkpoint(tmp_path):
-    script = tmp_path / "loop.py"
-    script.write_text(SAVE_LOOP.format(root=ROOT))
     path = tmp_path / "checkpoint.pth.tar"
     for delay in (0.35, 0.65, 0.95):
-        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # at least one complete save
+        path.unlink(missing_ok=True)
+        child = start_forked(save_forever, [str(path)])
+        while not path.exists():  # at least one complete save
+            time.sleep(0.005)
         time.sleep(delay * 0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        child.kill()
+        child.wait()
         ckpt = load_checkpoint(str(path))
         assert torch.equal(ckpt["w"], torch.full((512, 1024), float(ckpt["i"])))
 
@@ -407,7 +400,9 @@ def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
     run_dir.mkdir()
     lock_run_dir(str(run_dir))  # this test process plays the run that is training there
     try:
-        out = cli(RUN + ["--checkpoint-dir", str(tmp_path), "--run-name", "r"], subprocess_needed=True)
+        # A new interpreter: a forked child would inherit this process's record of the lock it holds.
+        out = subprocess.run([sys.executable, "main_cifar.py", *RUN, "--checkpoint-dir", str(tmp_path),
+                              "--run-name", "r"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     finally:
         unlock_run_dir(str(run_dir))
     assert out.returncode == 2 and "Traceback" not in out.stderr

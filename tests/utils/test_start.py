@@ -164,8 +164,9 @@ def test_every_rank_learns_the_outcome(tmp_path):
     stops rank 1, which never reads a checkpoint; rank 1 resumes rank 0's checkpoint, not its own file of
     the same name; a checkpoint of other flags stops both with rank 0's line. Nobody waits."""
     nodes = node_folders(str(tmp_path))
-    results = mp.get_context("spawn").Manager().dict()
-    mp.spawn(_agreement_worker, args=(free_port(), nodes, results), nprocs=2, join=True)
+    results = mp.get_context("fork").Manager().dict()
+    mp.start_processes(_agreement_worker, args=(free_port(), nodes, results), nprocs=2, join=True,
+                       start_method="fork")
     got = {scenario: [results[(scenario, 0)], results[(scenario, 1)]] for scenario in SCENARIOS}
     refused = got.pop("other flags")
     assert got == {

@@ -10,7 +10,6 @@ from utils.checkpoint import load_checkpoint
 from utils.loop import RunLoop, first_non_finite
 from utils.step_log import PendingSteps
 
-from tests import ROOT  # noqa: E402
 from tests.two_nodes import RUN, two_nodes
 
 
@@ -68,34 +67,28 @@ def test_a_step_reads_nothing_on_the_host_and_values_are_read_every_ten_steps(tm
     assert reads == [1, 9, 1]
 
 
-NAN_ON_RANK_1 = """
-import os, sys
-sys.path.insert(0, {root!r})
-import main_cifar
-import utils.supervised as supervised
-from utils.cli import run_main
+def main_with_a_nan_on_rank_1(argv):
+    """main_cifar.main, where the third step's loss is NaN on rank 1 only."""
+    import utils.supervised as supervised
 
-if os.environ["RANK"] == "1":  # the third step's loss is NaN on rank 1 only
-    real, calls = supervised.compute_loss, [0]
+    if os.environ["RANK"] == "1":
+        real, calls = supervised.compute_loss, [0]
 
-    def compute_loss(*args, **kwargs):
-        terms = real(*args, **kwargs)
-        calls[0] += 1
-        if calls[0] == 3:
-            terms["loss"] = terms["loss"] * float("nan")
-        return terms
+        def compute_loss(*args, **kwargs):
+            terms = real(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] == 3:
+                terms["loss"] = terms["loss"] * float("nan")
+            return terms
 
-    supervised.compute_loss = compute_loss
-run_main(main_cifar.main, sys.argv[1:])
-"""
+        supervised.compute_loss = compute_loss  # in the forked child only
+    return main_cifar.main(argv)
 
 
 def test_a_nan_on_one_rank_stops_every_rank_and_keeps_the_last_good_checkpoint(tmp_path):
-    script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(NAN_ON_RANK_1.format(root=ROOT))
     nodes = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     results = two_nodes(nodes, RUN[:-6] + ["--save-every-steps", "1", "--checkpoint-dir", "ck", "--run-name", "r"],
-                        script=str(script))
+                        main=main_with_a_nan_on_rank_1)
     codes = [code for code, _, _ in results]
     lines = [err.strip().splitlines()[-1] if err.strip() else "" for _, _, err in results]
     assert codes == [3, 3], [err[-2000:] for _, _, err in results]
