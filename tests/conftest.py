@@ -32,7 +32,14 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes on 2 cores; skipped unless pytest runs with --slow")
 
 
+# The longest modules (a minute or more of one worker's time) start first, so that under pytest-xdist
+# (scripts/test.sh) no worker is left running one of them alone at the end.
+LONG_MODULES = ("tests/scripts/test_gpu_check.py", "tests/test_main_cifar_lmcl.py", "tests/test_main_moco_lincls.py",
+                "tests/utils/test_loop.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in LONG_MODULES)  # stable: the rest keep order
     if config.getoption("--slow"):
         return
     skip = pytest.mark.skip(reason="slow (minutes): run with --slow, e.g. bash scripts/test.sh --slow")
