@@ -80,6 +80,7 @@ if ROOT not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -211,6 +212,18 @@ def endless(loader: Any, set_epoch: Callable[[int], None]) -> Iterator[Any]:
         epoch += 1
 
 
+def mcl_objective(cohort: nn.Module, heads: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                  args: argparse.Namespace) -> Tuple[torch.Tensor, List[torch.Tensor], Tuple[torch.Tensor, ...]]:
+    """The original's MCL objective on one batch: (total loss, logits per network, (loss_cls, vcl,
+    soft_vcl, icl, soft_icl)) with the paper's weights from ``args``."""
+    logits, features = cohort(inputs)
+    embeddings = [head(f) for head, f in zip(heads, features)]
+    loss_cls = sum(F.cross_entropy(z, targets) for z in logits)
+    vcl, soft_vcl, icl, soft_icl = sup_mcl_losses(embeddings, targets, args.tau, args.kd_T)
+    loss = loss_cls + args.alpha * vcl + args.gamma * soft_vcl + args.beta * icl + args.lam * soft_icl
+    return loss, logits, (loss_cls, vcl, soft_vcl, icl, soft_icl)
+
+
 def reference_step_fn(args: argparse.Namespace, data: ArrayData, device: torch.device) -> Step:
     """One step of the original's training loop (float32, NCHW, PIL data, per-step .item())."""
     torch.manual_seed(args.seed)
@@ -235,14 +248,10 @@ def reference_step_fn(args: argparse.Namespace, data: ArrayData, device: torch.d
         inputs, targets = inputs.float().to(device), targets.to(device)
         data_s = time.perf_counter() - tic
         optimizer.zero_grad()
-        logits, features = cohort(inputs)
-        embeddings = [head(f) for head, f in zip(heads, features)]
-        loss_cls = sum(F.cross_entropy(z, targets) for z in logits)
-        vcl, soft_vcl, icl, soft_icl = sup_mcl_losses(embeddings, targets, args.tau, args.kd_T)
-        loss = loss_cls + args.alpha * vcl + args.gamma * soft_vcl + args.beta * icl + args.lam * soft_icl
+        loss, logits, terms = mcl_objective(cohort, heads, inputs, targets, args)
         loss.backward()
         optimizer.step()
-        for term in (loss, loss_cls, vcl, soft_vcl, icl, soft_icl):  # the original logs every term
+        for term in (loss, *terms):  # the original logs every term
             term.item()
         for i, z in enumerate(logits):
             top1, top5 = topk_correct(z.detach(), targets)
@@ -339,11 +348,7 @@ def mcl_compute_step_fn(args: argparse.Namespace, batches: List[Batch], num_clas
     def step() -> float:
         inputs, targets = next_batch()
         optimizer.zero_grad()
-        logits, features = cohort(inputs)
-        embeddings = [head(f) for head, f in zip(heads, features)]
-        loss_cls = sum(F.cross_entropy(z, targets) for z in logits)
-        vcl, soft_vcl, icl, soft_icl = sup_mcl_losses(embeddings, targets, args.tau, args.kd_T)
-        loss = loss_cls + args.alpha * vcl + args.gamma * soft_vcl + args.beta * icl + args.lam * soft_icl
+        loss, _, _ = mcl_objective(cohort, heads, inputs, targets, args)
         loss.backward()
         optimizer.step()
         return 0.0
