@@ -44,6 +44,11 @@ def script_cli(name: str) -> Callable[[List[str], object], Tuple[int, str, str]]
     return lambda argv, capsys: run_cli(main, argv, capsys)
 
 
+def exit_code(stop: SystemExit) -> int:
+    """The exit status a process gets from ``stop``, as the interpreter computes it."""
+    return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+
+
 @contextlib.contextmanager
 def restored_global_state():
     """Put back what a script run changes for the whole process: torch's threads, deterministic mode and
@@ -72,10 +77,9 @@ def run_in_process(main: Callable, argv: List[str]) -> subprocess.CompletedProce
     out, err = io.StringIO(), io.StringIO()
     with restored_global_state(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            run_main(main, argv)
-            code = 0
+            run_main(main, argv)  # always ends in SystemExit
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            code = exit_code(stop)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
@@ -102,7 +106,7 @@ def start_forked(main: Callable, argv: List[str], env_extra: Optional[Dict[str, 
                 os.chdir(cwd)
             run_main(main, argv)
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            code = exit_code(stop)
         except BaseException:
             traceback.print_exc()
         finally:

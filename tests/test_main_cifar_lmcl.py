@@ -10,7 +10,7 @@ import main_cifar
 import models
 from models.export import export_network
 from models.lmcl import build_lmcl_cohort
-from tests.script_helpers import run_forked, run_in_process
+from tests.script_helpers import restored_global_state, run_forked, run_in_process
 from tests.tiny_lmcl import TINY_ARCH
 from tests.two_nodes import two_nodes
 from tests.utils.test_loop import assert_bitwise_equal
@@ -31,9 +31,8 @@ RESUME = TINY + ["--epochs", "1", "--max-train-batches", "4", "--max-eval-batche
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory):
     base = tmp_path_factory.mktemp("lmcl")
-    before = torch.are_deterministic_algorithms_enabled()
-    assert main_cifar.main(LEARN + ["--checkpoint-dir", str(base), "--run-name", "run"]) == 0
-    torch.use_deterministic_algorithms(before)
+    with restored_global_state():
+        assert main_cifar.main(LEARN + ["--checkpoint-dir", str(base), "--run-name", "run"]) == 0
     return base / "run"
 
 

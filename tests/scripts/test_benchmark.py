@@ -1,13 +1,10 @@
 """scripts/benchmark.py on a tiny configuration: it runs both modes and prints well-formed JSON (no timing asserts)."""
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
-from tests import ROOT  # noqa: E402
-from tests.script_helpers import load_script, run_in_process
+from tests.script_helpers import load_script, restored_global_state, run_in_process
 
 TINY = ["--steps", "1", "--warmup", "1", "--repeats", "1", "--batch-size", "8", "--synthetic-size", "160",
         "--device", "cpu", "--threads", "1"]
@@ -40,19 +37,9 @@ def test_benchmark_prints_one_line_per_mode_and_a_ratio():
     assert summary["command"].startswith("python scripts/benchmark.py")
 
 
-def load_benchmark_module():
-    spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(ROOT, "scripts", "benchmark.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_one_mode_of_a_branched_cohort(capsys):
-    threads = torch.get_num_threads()
-    try:
-        assert load_benchmark_module().main(TINY + ["--arch", "resnet32", "--number-net", "3", "--modes", "fast"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with restored_global_state():
+        assert load_script("benchmark").main(TINY + ["--arch", "resnet32", "--number-net", "3", "--modes", "fast"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [line.get("mode") for line in lines] == ["fast", None]
     assert lines[0]["topology"] == "branched"
@@ -60,11 +47,8 @@ def test_benchmark_one_mode_of_a_branched_cohort(capsys):
 
 
 def test_convolutions_profile_reports_the_time_in_convolutions(capsys):
-    threads = torch.get_num_threads()
-    try:
-        assert load_benchmark_module().main(TINY + ["--arch", "resnet32", "--number-net", "2", "--convolutions"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with restored_global_state():
+        assert load_script("benchmark").main(TINY + ["--arch", "resnet32", "--number-net", "2", "--convolutions"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [(line.get("mode"), line.get("profile")) for line in lines] == [
         ("reference", None), ("fast", None), ("reference", True), ("fast", True), (None, None)]
@@ -78,7 +62,7 @@ def test_convolutions_profile_reports_the_time_in_convolutions(capsys):
 
 
 def test_default_modes_add_the_compiled_fast_path_on_cuda_only():
-    module = load_benchmark_module()
+    module = load_script("benchmark")
     assert module.parse_modes(None, torch.device("cpu")) == ["reference", "fast"]
     assert module.parse_modes(None, torch.device("cuda")) == ["reference", "fast", "fast_compile"]
     assert module.parse_modes("fast_compile", torch.device("cpu")) == ["fast_compile"]
@@ -88,11 +72,11 @@ def test_ratios_of_the_compiled_fast_path():
     rounds = {"reference": [10.0, 20.0], "fast": [30.0, 40.0], "fast_compile": [60.0, 60.0]}
     results = {mode: {"images_per_s": sum(r) / 2, "images_per_s_rounds": r, "images_per_s_best": max(r)}
                for mode, r in rounds.items()}
-    ratios = load_benchmark_module().ratios(results)
+    ratios = load_script("benchmark").ratios(results)
     assert ratios["ratio_fast_over_reference"] == 35.0 / 15.0
     assert ratios["ratio_fast_compile_over_reference"] == 60.0 / 15.0
     assert ratios["ratio_fast_compile_over_fast"] == 60.0 / 35.0
-    assert set(load_benchmark_module().ratios({"fast": results["fast"]})) == set()
+    assert set(load_script("benchmark").ratios({"fast": results["fast"]})) == set()
 
 
 def test_lmcl_times_the_normal_update_and_the_meta_step_against_mcl(capsys):
@@ -100,11 +84,8 @@ def test_lmcl_times_the_normal_update_and_the_meta_step_against_mcl(capsys):
     over --meta-freq, and the ratios to an MCL step (tiny: batch 4, no warm-up, one step each)."""
     tiny = ["--steps", "1", "--warmup", "0", "--repeats", "1", "--batch-size", "4", "--synthetic-size", "40",
             "--device", "cpu", "--threads", "1"]
-    threads = torch.get_num_threads()
-    try:
-        assert load_benchmark_module().main(tiny + ["--method", "lmcl", "--meta-freq", "10"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    with restored_global_state():
+        assert load_script("benchmark").main(tiny + ["--method", "lmcl", "--meta-freq", "10"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
     assert [line.get("mode") for line in lines] == ["mcl", "lmcl", "lmcl_meta", None]
     seconds = {line["mode"]: line["s_per_step"] for line in lines[:3]}
@@ -125,7 +106,7 @@ def test_lmcl_times_the_normal_update_and_the_meta_step_against_mcl(capsys):
 
 
 def test_lmcl_modes_are_checked():
-    module = load_benchmark_module()
+    module = load_script("benchmark")
     assert module.parse_modes(None, torch.device("cpu"), "lmcl") == ["mcl", "lmcl", "lmcl_meta"]
     assert module.parse_modes("lmcl,mcl", torch.device("cpu"), "lmcl") == ["lmcl", "mcl"]
     with pytest.raises(SystemExit, match="--method lmcl"):
