@@ -30,6 +30,8 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from utils.machine import cpu_flags
+
 _NAME = "mcl_bn_relu_cpu"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "bn_relu_cpu.cpp")
 # -fopenmp: at::parallel_for is a header template; without it the kernel would run on one thread.
@@ -42,15 +44,8 @@ _lock = threading.Lock()
 
 
 def _cpu_has_avx512_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return "avx512_bf16" in flags and "avx512bw" in flags and "avx512vl" in flags
-    except OSError:
-        pass
-    return False
+    """The instructions the kernel is compiled for (_CFLAGS)."""
+    return {"avx512_bf16", "avx512bw", "avx512vl"} <= set(cpu_flags())
 
 
 def _cpp_extension() -> Any:

@@ -104,7 +104,7 @@ from utils.run_files import RunLogger  # noqa: E402
 from utils.metrics import topk_correct  # noqa: E402
 from utils.script_setup import build_sgd, configure_determinism  # noqa: E402
 from utils.step_module import compiled_function, step_module  # noqa: E402
-from utils.machine import cpu_name  # noqa: E402
+from utils.machine import cpu_flags, cpu_name  # noqa: E402
 
 MODES = ("reference", "fast", "fast_compile")
 DEFAULT_MODES = {"cpu": "reference,fast", "cuda": "reference,fast,fast_compile"}
@@ -521,24 +521,17 @@ def run_interleaved(steps_by_mode: Dict[str, Step], args: argparse.Namespace, de
 # ---------------------------------------------------------------- reporting
 
 
-def cpu_flags() -> List[str]:
+def bf16_cpu_flags() -> List[str]:
     """The instruction-set extensions that decide bf16 speed (AVX-512 BF16, AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-                    return [flag for flag in line.split(":", 1)[1].split() if flag in wanted]
-    except OSError:
-        pass
-    return []
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return [flag for flag in cpu_flags() if flag in wanted]
 
 
 def environment(device: torch.device, argv: List[str]) -> Dict[str, Any]:
     env = {
         "command": shlex.join(["python", "scripts/benchmark.py"] + argv),
         "cpu": cpu_name(),
-        "cpu_flags": cpu_flags(),
+        "cpu_flags": bf16_cpu_flags(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,

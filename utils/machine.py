@@ -43,16 +43,26 @@ def available_cpus() -> int:
     return max(1, min(cpus, limit) if limit else cpus)
 
 
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+def _cpuinfo_value(key: str) -> Optional[str]:
+    """The value of the first ``key`` line of /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
+    return _cpuinfo_value("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> List[str]:
+    """The CPU's instruction-set flags (from /proc/cpuinfo on Linux; empty elsewhere)."""
+    return (_cpuinfo_value("flags") or "").split()
 
 
 def gpu_names() -> List[str]:

@@ -29,3 +29,14 @@ def test_available_cpus_honours_a_container_quota(monkeypatch):
     assert machine.available_cpus() == 1
     monkeypatch.setattr(machine, "_cgroup_cpu_limit", lambda: None)
     assert machine.available_cpus() >= 1
+
+
+def test_cpu_name_and_flags_come_from_the_first_processor_of_cpuinfo(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nflags\t\t: fpu avx2 avx512_bf16\n\n"
+                       "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(
+        cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    assert machine.cpu_name() == "Some CPU 9000"
+    assert machine.cpu_flags() == ["fpu", "avx2", "avx512_bf16"]
