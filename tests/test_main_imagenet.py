@@ -3,7 +3,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -24,6 +23,8 @@ from utils.supervised import Objective
 torch.set_num_threads(1)
 
 from tests import ROOT  # noqa: E402
+from tests.two_nodes import free_port  # noqa: E402
+
 MCL = ["--alpha", "0.1", "--gamma", "1.", "--beta", "0.1", "--lam", "1."]
 RUN_FILES = ("checkpoint.pth.tar", "best.pth.tar", "config.json", "metrics.jsonl", "summary.json")
 
@@ -160,12 +161,6 @@ def fit(self):
 eng.RunLoop.fit = fit
 sys.exit(main_imagenet.main(sys.argv[1:]))
 """
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_keep_identical_banks(data_dir, tmp_path):

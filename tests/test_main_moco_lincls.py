@@ -9,7 +9,6 @@ cohort and original-code checkpoints.
 import json
 import os
 import signal
-import socket
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ import utils.loop
 from data.samplers import EpochShuffleBatchSampler
 from utils.loop import StopRequest
 from utils.errors import ConfigError
+from tests.two_nodes import free_port
 
 TINY = ["-a", "resnet18", "-b", "8", "--image-size", "32", "-j", "0", "--device", "cpu", "-p", "1"]
 
@@ -53,12 +53,6 @@ def _event_data(tb_dir):
     acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     return acc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class StopAfterFirstStep(StopRequest):
@@ -121,7 +115,7 @@ def test_readme_multiprocessing_command_with_two_gloo_processes(image_root, tmp_
     run_dir = str(tmp_path / "ddp")
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "2",
                    "--checkpoint", str(tmp_path), "--run-name", "ddp", "--number-net", "2", "--seed", "1",
-                   "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                   "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--multiprocessing-distributed",
                    "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1", "--knn-data", image_root]
     assert main_moco_mcl.main(argv) == 0
     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pth.tar"))
@@ -361,7 +355,7 @@ def test_a_killed_worker_is_named_with_its_signal(image_root, tmp_path):
 
     argv = TINY + ["--data", image_root, "--epochs", "1", "--moco-k", "16", "--max-train-batches", "3",
                    "--checkpoint", str(tmp_path / "ddp"), "--number-net", "1", "--seed", "1",
-                   "--dist-url", f"tcp://127.0.0.1:{_free_port()}", "--multiprocessing-distributed",
+                   "--dist-url", f"tcp://127.0.0.1:{free_port()}", "--multiprocessing-distributed",
                    "--world-size", "1", "--rank", "0", "--gpu-ids", "0,1"]
     env = dict(os.environ, MCL_DEBUG_SIGNAL_AFTER_STEPS="1:KILL:1", OMP_NUM_THREADS="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,7 +6,6 @@ AOTAutograd's joint forward/backward graph, run by the eager kernels) or eager (
 only), which goes through the same wiring (the compiled DDP wrapper, the compiled losses)
 in a few seconds. scripts/gpu_check.sh runs the scripts with inductor on a GPU.
 """
-import socket
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from utils import distributed as du
 from utils.checkpoint import load_checkpoint
 from utils.errors import ConfigError
 from utils.step_module import BACKEND_ENV, compiled_function, convert_sync_bn, step_module
+from tests.two_nodes import free_port
 
 TINY_CIFAR = ["--dataset", "synthetic", "--synthetic-size", "64", "--synthetic-classes", "4", "--batch-size", "8",
               "--m-per-class", "2", "--epochs", "1", "--max-train-batches", "2", "--max-eval-batches", "1",
@@ -33,12 +33,6 @@ def tiny_net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, 4))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
