@@ -10,11 +10,14 @@ end a week of training.
 
 The counts and the "already named" flags live in shared memory, so DataLoader
 worker processes (new ones every epoch) add to the same totals and name a file
-once for the run (per process of a distributed run). Concurrent updates may lose
-a count now and then; the limit is a safeguard, not an exact measure.
+once for the run (per process of a distributed run): a process-shared lock makes
+claiming a name atomic, so two workers that fail on one file at once print it
+once. The read count is updated without the lock and may lose an increment now
+and then; the limit is a safeguard, not an exact measure.
 """
 from __future__ import annotations
 
+import multiprocessing
 import sys
 from typing import Any, Iterator
 
@@ -46,6 +49,12 @@ def too_many_bad(skipped: int, read: int) -> bool:
     return skipped > BAD_IMAGE_GRACE and skipped > BAD_IMAGE_FRACTION * read
 
 
+def _process_shared_lock() -> Any:
+    """A lock that DataLoader workers share whatever their start method (a spawn-context lock can be
+    inherited by forked workers and pickled to spawned ones; a fork-context one only the former)."""
+    return multiprocessing.get_context("spawn").Lock()
+
+
 class TolerantImageFolder(datasets.ImageFolder):
     """An ImageFolder that replaces an unreadable image by the next readable one of its class.
 
@@ -66,6 +75,19 @@ class TolerantImageFolder(datasets.ImageFolder):
         self.class_start, self.class_count = class_ranges(self.labels, len(self.classes))
         self.named = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self.counts = torch.zeros(2, dtype=torch.int64).share_memory_()  # (images read, replaced)
+        self.name_lock = _process_shared_lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a worker process being started: the lock travels; any other copy gets its own lock."""
+        state = self.__dict__.copy()
+        if multiprocessing.context.get_spawning_popen() is None:
+            state["name_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.name_lock is None:
+            self.name_lock = _process_shared_lock()
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
                      is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
@@ -108,8 +130,17 @@ class TolerantImageFolder(datasets.ImageFolder):
         raise DatasetError(f"no readable image in class {self.classes[self.labels[index]]!r} of {self.root}; "
                            "check or re-extract the data set")
 
+    def _claim_name(self, index: int) -> bool:
+        """Mark ``index`` as named; True for the one caller (of all processes) that marked it first."""
+        with self.name_lock:
+            if self.named[index]:
+                return False
+            self.named[index] = True
+            return True
+
     def _name_bad(self, index: int, err: BaseException) -> None:
-        self.named[index] = True
+        if not self._claim_name(index):
+            return
         reason = (str(err).splitlines() or [""])[0][:120]
         print(f"warning: skipping unreadable image {self.samples[index][0]} ({type(err).__name__}: {reason}); "
               "using another image of its class instead", file=sys.stderr, flush=True)

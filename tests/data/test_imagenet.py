@@ -207,6 +207,54 @@ def test_workers_share_the_counts_and_name_a_file_once(damaged, capfd):
     assert err.count("001.JPEG") == 1 and err.count("002.JPEG") == 1
 
 
+def _claim_after(barrier, dataset, index, wins):
+    barrier.wait()
+    wins.put(dataset._claim_name(index))
+
+
+def test_a_name_is_claimed_by_one_process_of_many(damaged):
+    """Workers failing on one file at the same moment print it once: claiming a name is atomic."""
+    import multiprocessing
+
+    from data.image_folder import TolerantImageFolder
+
+    dataset = TolerantImageFolder(str(damaged))
+    ctx = multiprocessing.get_context("fork")
+    barrier, wins = ctx.Barrier(6), ctx.Queue()
+    workers = [ctx.Process(target=_claim_after, args=(barrier, dataset, 1, wins)) for _ in range(6)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert sorted(wins.get(timeout=10) for _ in workers) == [False] * 5 + [True]
+    assert bool(dataset.named[1]) and not dataset._claim_name(1)
+
+
+def test_spawned_workers_share_the_names(damaged, capfd):
+    """With spawned DataLoader workers (macOS's default) the lock and the flags travel to the workers."""
+    from torchvision.transforms import v2
+
+    from data.image_folder import TolerantImageFolder
+
+    dataset = TolerantImageFolder(str(damaged), v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]))
+    assert len([dataset[i] for i in range(len(dataset))]) == len(dataset)  # names both bad files here
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn")
+    assert sum(images.shape[0] for images, _ in loader) == len(dataset)  # the worker sees them named
+    assert dataset.skipped == 4
+    err = capfd.readouterr().err
+    assert err.count("001.JPEG") == 1 and err.count("002.JPEG") == 1
+
+
+def test_a_copy_of_the_folder_has_its_own_lock(damaged):
+    import copy
+
+    from data.image_folder import TolerantImageFolder
+
+    dataset = TolerantImageFolder(str(damaged))
+    twin = copy.deepcopy(dataset)
+    assert twin.name_lock is not dataset.name_lock and twin._claim_name(1)
+
+
 def test_too_many_unreadable_images_stop_with_one_error(tmp_path, capfd):
     from data.image_folder import BAD_IMAGE_GRACE, TolerantImageFolder
 
