@@ -120,7 +120,7 @@ def decide_resume(args: argparse.Namespace, run_dir: str, arch: str) -> Start:
 
 
 def run(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
-    validate_precision(args.amp, ctx.device)
+    validate_precision(args.amp, ctx.device, warn=ctx.is_main)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     run_dir = os.path.join(args.checkpoint, args.run_name or f"lincls_{args.arch or 'pretrained'}_net{args.net_index}")

@@ -169,7 +169,7 @@ def start_on_main_linked(args: argparse.Namespace, run_dir: str) -> Start:
 
 
 def train(args: argparse.Namespace, ctx: du.DistContext, nprocs: int) -> int:
-    validate_precision(args.amp, ctx.device)
+    validate_precision(args.amp, ctx.device, warn=ctx.is_main)
     configure_determinism(args.deterministic, ctx.device)
     batch, workers = node_share(args, ctx, nprocs)
     check_queue_size(args.moco_k, batch * ctx.world_size)

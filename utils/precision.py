@@ -28,8 +28,9 @@ class Precision:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def validate_precision(amp: str, device: torch.device) -> None:
-    """UserError for an --amp mode that ``device`` cannot run (well)."""
+def validate_precision(amp: str, device: torch.device, warn: bool = True) -> None:
+    """UserError for an --amp mode that ``device`` cannot run; a warning (when ``warn``: pass
+    ``ctx.is_main`` so that a distributed run says it once) for one it runs slowly."""
     if amp not in AMP_MODES:
         raise UserError(f"--amp {amp!r} is not one of {', '.join(AMP_MODES)}")
     if amp == "fp16" and device.type != "cuda":
@@ -39,7 +40,7 @@ def validate_precision(amp: str, device: torch.device) -> None:
         raise ConfigError(f"--amp bf16 (also set by --fast) needs a GPU with native bfloat16 (compute capability "
                           f"8.0 or higher); {torch.cuda.get_device_name(device)} ({major}.{minor}) would emulate it "
                           f"slowly or fail: use --amp fp16 (with --fast: --fast --amp fp16)")
-    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+    if warn and amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         print("warning: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so --amp bf16 (also set by --fast) "
               "is emulated and runs several times slower than float32 here; for speed on this CPU use "
               "--channels-last --data-path tensor without --amp", file=sys.stderr, flush=True)

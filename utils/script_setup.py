@@ -221,7 +221,7 @@ def plan_supervised_run(args: Any, ctx: Any, script: str, parser: argparse.Argum
     the checkpoint to resume, checked to be one of ``script`` trained with the same flags of
     ``parser``) and every rank receives that decision and the checkpoint.
     """
-    validate_precision(args.amp, ctx.device)
+    validate_precision(args.amp, ctx.device, warn=ctx.is_main)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     configure_determinism(args.deterministic, ctx.device)

@@ -122,6 +122,20 @@ def test_bf16_is_fine_on_cpu_and_rocm(monkeypatch):
         validate_precision("fp16", torch.device("cpu"))
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_emulated_bf16_on_a_cpu_is_said_once_by_the_main_rank(monkeypatch, capsys, native):
+    import utils.precision
+
+    monkeypatch.setattr(utils.precision, "cpu_has_native_bf16", lambda: native)
+    validate_precision("bf16", torch.device("cpu"), warn=False)  # another rank of the run
+    validate_precision("none", torch.device("cpu"))
+    assert capsys.readouterr().err == ""
+    validate_precision("bf16", torch.device("cpu"))
+    err = capsys.readouterr().err
+    assert (err == "") if native else (err.count("\n") == 1 and "no native bfloat16" in err
+                                       and "--channels-last --data-path tensor" in err)
+
+
 def test_fast_on_a_pre_ampere_gpu_stops_before_training(monkeypatch, tmp_path):
     fake_gpus(monkeypatch, count=1, capability=(7, 0))
     with pytest.raises(ConfigError, match="use --amp fp16"):
