@@ -1,6 +1,7 @@
 """main_cifar.py --method lmcl end to end on tiny synthetic data: it learns, resumes bitwise after kill -9,
 evaluates, exports one network without its auxiliary branches, runs under 2 gloo processes; its flags."""
 import json
+import math
 import signal
 
 import pytest
@@ -105,6 +106,39 @@ def test_kill_9_mid_epoch_then_resume_is_bitwise_equal(tmp_path):
     ref_lines = (tmp_path / "a" / "r" / "metrics.jsonl").read_text().splitlines()
     got_lines = (tmp_path / "b" / "r" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["test"] for x in ref_lines] == [json.loads(x)["test"] for x in got_lines]
+
+
+def test_fast_runs_the_backbones_in_bf16_and_the_meta_step_in_float32(tmp_path, monkeypatch):
+    """--fast with L-MCL: the networks' forward under bf16 autocast, the meta step outside it on float32
+    inputs (its second-order gradient needs the precision); finite losses, float32 weights."""
+    import utils.lmcl_method
+
+    seen = {"forward": [], "meta": []}
+    meta_step, forward = utils.lmcl_method.meta_step, utils.lmcl_method.LMCLMethod.forward
+
+    def recording_meta_step(forward_fn, params, buffers, inputs, *rest, **kwargs):
+        seen["meta"].append((torch.is_autocast_enabled("cpu"), inputs.dtype,
+                             inputs.is_contiguous(memory_format=torch.channels_last)))
+        return meta_step(forward_fn, params, buffers, inputs, *rest, **kwargs)
+
+    def recording_forward(self, batch, targets):
+        seen["forward"].append(self.precision.amp)
+        return forward(self, batch, targets)
+
+    monkeypatch.setattr(utils.lmcl_method, "meta_step", recording_meta_step)
+    monkeypatch.setattr(utils.lmcl_method.LMCLMethod, "forward", recording_forward)
+    with restored_global_state():
+        assert main_cifar.main(TINY + ["--epochs", "1", "--max-train-batches", "4", "--max-eval-batches", "1",
+                                       "--meta-freq", "2", "--fast", "--checkpoint-dir", str(tmp_path),
+                                       "--run-name", "r"]) == 0
+    assert seen["meta"] == [(False, torch.float32, True)] * 2  # steps 0 and 2
+    assert seen["forward"] == ["bf16"] * 4
+    train = records(tmp_path / "r")[-1]["train"]
+    assert all(math.isfinite(train[term]) for term in ("loss", "loss_cls", "vcl", "icl")), train
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["amp"], config["channels_last"], config["data_path"]) == ("bf16", True, "tensor")
+    ckpt = load_checkpoint(str(tmp_path / "r" / "checkpoint.pth.tar"))
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
 
 
 def main_checking_that_ranks_agree(argv):
